@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both bootstrap .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test check lint types bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: start the default stack in the foreground (Ctrl-C stops it)
+run: $(STAMP)
+	$(BIN)/lbstack up $(ARGS)
+
+## test: the whole test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app tests loadtests
+	$(BIN)/ruff format --check app tests loadtests
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+## check: lint, types and tests, as before every commit
+check: lint types test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""lbstack: a load-balancing stack of separate Unix processes on aiohttp."""

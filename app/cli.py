@@ -1,0 +1,229 @@
+"""The ``lbstack`` command line (a contract: see README "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from app import config as configuration
+from app.address import Address, parse_address
+from app.adminclient import fetch_json
+from app.errors import ConfigError, ControlError, LbstackError
+from app.log import setup
+from app.rundir import RunDir
+from app.supervisor.arbiter import Supervisor
+
+FAULT_FLAGS = ("hang", "crash", "clear")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lbstack", description="A load-balancing stack of separate Unix processes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start the stack in the foreground (Ctrl-C stops it)")
+    up.add_argument("--config", type=Path, help="TOML config file")
+    up.add_argument("--run-dir", type=Path, help="where the sockets live")
+    up.add_argument("--balancers", type=int, help="balancer processes")
+    up.add_argument("--proxies", type=int, help="reverse proxies (server groups)")
+    up.add_argument("--servers-per-proxy", type=int, help="servers behind each proxy")
+    up.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="extra balancer listener, e.g. tcp://127.0.0.1:8080 (repeatable)",
+    )
+    up.add_argument("--policy", help="routing policy of balancer and proxies")
+    up.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="Prometheus endpoint, e.g. tcp://127.0.0.1:9464, or 'off'",
+    )
+
+    status = commands.add_parser("status", help="show the running stack")
+    _run_dir_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh every second")
+
+    fault = commands.add_parser(
+        "fault",
+        help="change a simulated server's behaviour at runtime",
+        description="e.g. lbstack fault server-0-2 latency=50ms error_rate=0.2; "
+        "actions: hang, crash, clear",
+    )
+    _run_dir_option(fault)
+    fault.add_argument("server", help="server name, e.g. server-0-2")
+    fault.add_argument(
+        "changes",
+        nargs="+",
+        metavar="KEY=VALUE|ACTION",
+        help="latency=50ms error_rate=0.2 cpu=2ms ... or hang, crash, clear",
+    )
+    return parser
+
+
+def _run_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="the stack's run dir (default: as lbstack up)"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for flag in ("balancers", "proxies", "servers_per_proxy"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    if args.run_dir is not None:
+        overrides["run_dir"] = str(args.run_dir)
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.policy is not None:
+        overrides["balancer.policy"] = args.policy
+        overrides["proxy.policy"] = args.policy
+    if args.metrics_listen is not None:
+        overrides["metrics_listen"] = None if args.metrics_listen == "off" else args.metrics_listen
+    return overrides
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config, _overrides(args))
+    setup(config.supervisor.log_level, "supervisor")
+    return uvloop.run(Supervisor(config).run())
+
+
+def _control(args: argparse.Namespace) -> Address:
+    path = args.run_dir if args.run_dir is not None else configuration.default_run_dir()
+    return RunDir(path).control
+
+
+async def _get_status(control: Address) -> dict[str, Any]:
+    try:
+        status, body = await fetch_json(control, "/status")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(
+            f"no stack answers on {control} ({exc.__class__.__name__}); is `lbstack up` running "
+            "with this --run-dir?"
+        ) from exc
+    if status != 200:
+        raise ControlError(f"{control} answered {status}: {body}")
+    return dict(body)
+
+
+def _uptime(started_at: float | None) -> str:
+    if not started_at:
+        return "-"
+    seconds = int(time.time() - started_at)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _short(address: str, run_dir: str) -> str:
+    """A listen address, with the run dir left out of socket paths under it."""
+    prefix = f"unix:{run_dir}/"
+    return address[len(prefix) :] if address.startswith(prefix) else address
+
+
+def render_status(status: dict[str, Any]) -> Table:
+    run_dir = status["run_dir"]
+    table = Table(title=f"lbstack — {run_dir}", title_justify="left")
+    for column in ("NAME", "ROLE", "GROUP", "PID", "STATE", "RESTARTS", "UPTIME", "LISTEN"):
+        table.add_column(column, no_wrap=column != "LISTEN")
+    styles = {"ready": "green", "failed": "red", "backoff": "yellow", "starting": "yellow"}
+    for c in status["components"]:
+        state = c["state"]
+        table.add_row(
+            c["name"],
+            c["role"],
+            c["group"] or "-",
+            str(c["pid"] or "-"),
+            f"[{styles.get(state, 'white')}]{state}[/]",
+            str(c["restarts"]),
+            _uptime(c.get("started_at")),
+            " ".join(c["listen"]),
+        )
+    return table
+
+
+async def _status(args: argparse.Namespace) -> int:
+    control = _control(args)
+    if args.json:
+        print(json.dumps(await _get_status(control), indent=2))
+        return 0
+    console = Console()
+    if not args.watch:
+        console.print(render_status(await _get_status(control)))
+        return 0
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(render_status(await _get_status(control)), refresh=True)
+            await asyncio.sleep(1.0)
+
+
+def parse_fault(changes: Sequence[str]) -> dict[str, Any]:
+    """``latency=50ms hang`` → ``{"latency": "50ms", "hang": true}``."""
+    body: dict[str, Any] = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if sep and key and value:
+            body[key] = value
+        elif not sep and change in FAULT_FLAGS:
+            body[change] = True
+        else:
+            raise ConfigError(
+                [f"fault: expected KEY=VALUE or one of {', '.join(FAULT_FLAGS)}, found {change!r}"]
+            )
+    return body
+
+
+async def _fault(args: argparse.Namespace) -> int:
+    body = parse_fault(args.changes)
+    status = await _get_status(_control(args))
+    servers = {c["name"]: c for c in status["components"] if c["role"] == "server"}
+    target = servers.get(args.server)
+    if target is None or target["admin"] is None:
+        simulated = ", ".join(n for n, c in servers.items() if c["admin"]) or "none"
+        raise ControlError(
+            f"no simulated server named {args.server!r}; simulated servers: {simulated}"
+        )
+    admin = parse_address(target["admin"])
+    try:
+        code, answer = await fetch_json(admin, "/fault", method="POST", body=body)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if body.get("crash"):
+            print(f"{args.server}: crashed")
+            return 0
+        raise ControlError(f"{args.server} did not answer on {admin}: {exc!r}") from exc
+    if code >= 400:
+        raise ControlError(f"{args.server} refused the change: {answer.get('error', answer)}")
+    print(f"{args.server}: {json.dumps(answer)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            status = cmd_up(args)
+        elif args.command == "status":
+            status = uvloop.run(_status(args))
+        else:
+            status = uvloop.run(_fault(args))
+    except LbstackError as exc:
+        print(f"lbstack: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_status)
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)

@@ -1,0 +1,83 @@
+"""What the supervisor tells a child: who it is, its sockets, its upstreams, the config.
+
+This is the whole interface between the supervisor and the data plane: the supervisor
+builds a ``ChildSpec``, passes it in the environment with the listening sockets as
+inherited file descriptors, and ``python -m app.child`` turns it into a running
+balancer, proxy or server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from app.config import AddressField, Config
+from app.httpserver import Handler
+
+ENV_VAR = "LBSTACK_CHILD"
+Role = Literal["balancer", "proxy", "server"]
+
+
+class UpstreamSpec(BaseModel):
+    """One upstream of a router: its name, where to send requests, where its admin is."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    address: AddressField
+    admin: AddressField | None = None
+    health_path: str = "/healthz"
+
+
+class ChildSpec(BaseModel):
+    """Everything a child process needs to run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: Role
+    group: int | None = None  # the proxy index a proxy or server belongs to
+    listen_fds: tuple[int, ...]
+    admin_fd: int
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    parent_pid: int = 0  # the supervisor; the child exits when it goes away
+    config: Config
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_VAR: self.model_dump_json()}
+
+    @classmethod
+    def from_env(cls) -> ChildSpec:
+        return cls.model_validate_json(os.environ[ENV_VAR])
+
+
+def balancer_name(index: int) -> str:
+    return f"balancer-{index}"
+
+
+def proxy_name(group: int) -> str:
+    return f"proxy-{group}"
+
+
+def server_name(group: int, index: int) -> str:
+    return f"server-{group}-{index}"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A child's running parts, as its role builds them.
+
+    ``handler`` serves every request on the data sockets (no router, no reserved
+    paths). ``admin`` is the admin app; resources the component holds (client sessions,
+    background tasks) live in its ``cleanup_ctx``, so they outlast the data plane's
+    graceful drain. ``server_options`` are the data plane's limits and timeouts.
+    """
+
+    handler: Handler
+    admin: web.Application
+    server_options: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,412 @@
+"""The one configuration model: defaults, validation, TOML loading and CLI overrides.
+
+Everything configurable is defined here once, as a frozen pydantic model. The
+supervisor validates it up front; children receive it as JSON and validate the same
+model again, so no component parses options of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from app.address import Address, parse_address
+from app.errors import ConfigError
+
+# The routing policies app.routing registers (a test keeps the two in step).
+PolicyName = Literal["round_robin", "least_outstanding"]
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The unit is optional (seconds), so "0.05" from a command line means what 0.05 does.
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string like ``250ms``, ``2s``, ``1.5m``."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("duration", 'expected a duration like "250ms" or "2s"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    else:
+        raise PydanticCustomError(
+            "duration", 'expected a duration like "250ms", "2s" or a number of seconds'
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise PydanticCustomError("duration", "expected a non-negative, finite duration")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string like ``64KiB``, ``1GiB``."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("size", 'expected a size like "64KiB" or a number of bytes')
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        unit = match.group(2).lower()
+        if unit in _SIZE_UNITS:
+            return int(match.group(1)) * _SIZE_UNITS[unit]
+    raise PydanticCustomError("size", 'expected a size like "64KiB", "1GiB" or a byte count')
+
+
+def _address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("address", "expected 'unix:/path' or 'tcp://host:port'")
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise PydanticCustomError("address", str(exc)) from exc
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+AddressField = Annotated[Address, BeforeValidator(_address), PlainSerializer(str, return_type=str)]
+
+
+class Model(BaseModel):
+    """Base of every config section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Timeouts(Model):
+    """Timeouts of one forwarding tier (balancer or proxy)."""
+
+    connect: Duration = Field(2.0, description="Connecting to an upstream.")
+    first_byte: Duration = Field(
+        30.0, description="From the request sent upstream to the response headers."
+    )
+    idle: Duration = Field(
+        60.0, description="Longest pause between two body chunks, either direction."
+    )
+    client_keepalive: Duration = Field(
+        75.0,
+        description="How long an idle client connection is kept open; also bounds how long a "
+        "client may take to send its request headers.",
+    )
+    pool_idle: Duration = Field(
+        15.0,
+        description="How long an idle upstream connection stays pooled. Keep it below the "
+        "upstream's client_keepalive so a pooled connection is never closed under us.",
+    )
+
+
+class Limits(Model):
+    """Request limits of one forwarding tier."""
+
+    max_header_size: Size = Field(8190, gt=0, description="Longest request line or header field.")
+    max_headers: int = Field(128, gt=0, description="Most header fields in one request.")
+    max_body_size: Size = Field(
+        0, description="Largest request body in bytes (413 beyond it); 0 means no limit."
+    )
+    max_concurrent: int = Field(
+        4096, gt=0, description="Requests in flight in one process; beyond it, 503."
+    )
+    max_connections_per_upstream: int = Field(
+        0, ge=0, description="Pooled connections per upstream; 0 means no limit."
+    )
+
+
+class TierConfig(Model):
+    """One forwarding tier: the balancer or every proxy."""
+
+    policy: PolicyName = Field("round_robin", description="Routing policy.")
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+
+
+class Simulation(Model):
+    """The work a simulated application server pretends to do per request."""
+
+    latency: Duration = Field(0.0, description="Added latency per request (mean or median).")
+    latency_distribution: Literal["fixed", "uniform", "exponential", "lognormal"] = Field(
+        "fixed",
+        description="fixed; uniform on [0, 2×latency]; exponential with mean latency; "
+        "lognormal with median latency and shape latency_sigma.",
+    )
+    latency_sigma: float = Field(0.5, ge=0, le=5, description="Shape of the lognormal latency.")
+    cpu: Duration = Field(0.0, description="CPU time burnt per request.")
+    response_size: Size = Field(0, description="Padding bytes added to each response body.")
+    error_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of requests answered with an error."
+    )
+    error_status: int = Field(500, ge=400, le=599, description="Status of a simulated error.")
+
+
+class ServerConfig(Model):
+    """What the servers of a group are and how they are run."""
+
+    kind: Literal["simulated", "command", "address"] = Field(
+        "simulated",
+        description="simulated: the built-in application; command: a command the supervisor "
+        "runs per server; address: servers something else runs.",
+    )
+    command: str = Field(
+        "",
+        description="For kind=command: the command line, with {socket} for the unix socket "
+        "path it must listen on and {name} for the server's name.",
+    )
+    addresses: tuple[AddressField, ...] = Field(
+        (), description="For kind=address: the servers' addresses."
+    )
+    health_path: str = Field(
+        "/healthz", description="For command and address servers: the HTTP path that says ready."
+    )
+    keepalive: Duration = Field(
+        75.0, description="For simulated servers: idle keep-alive of client connections."
+    )
+    simulation: Simulation = Simulation()
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ServerConfig:
+        if self.kind == "command":
+            if "{socket}" not in self.command:
+                raise PydanticCustomError(
+                    "command",
+                    "kind='command' needs a command containing {socket}, found {found!r}",
+                    {"found": self.command},
+                )
+        elif self.command:
+            raise PydanticCustomError(
+                "command",
+                "command is only for kind='command', found kind={kind!r}",
+                {"kind": self.kind},
+            )
+        if self.kind == "address" and not self.addresses:
+            raise PydanticCustomError(
+                "addresses", "kind='address' needs at least one address in addresses"
+            )
+        if self.kind != "address" and self.addresses:
+            raise PydanticCustomError(
+                "addresses",
+                "addresses is only for kind='address', found kind={kind!r}",
+                {"kind": self.kind},
+            )
+        if not self.health_path.startswith("/"):
+            raise PydanticCustomError(
+                "health_path",
+                "expected a path starting with '/', found {found!r}",
+                {"found": self.health_path},
+            )
+        return self
+
+
+class GroupConfig(Model):
+    """Overrides for one proxy's group; unset fields come from the top level."""
+
+    servers: int | None = Field(None, ge=1, le=1024, description="Servers in this group.")
+    server: ServerConfig = ServerConfig()
+
+
+class SupervisorConfig(Model):
+    """How the supervisor starts, restarts and stops children."""
+
+    graceful_timeout: Duration = Field(
+        10.0, description="How long a stopping child may finish in-flight work before SIGKILL."
+    )
+    ready_timeout: Duration = Field(15.0, description="How long a child may take to become ready.")
+    restart_backoff_initial: Duration = Field(0.1, description="First restart delay.")
+    restart_backoff_max: Duration = Field(10.0, description="Longest restart delay.")
+    stable_after: Duration = Field(
+        10.0, description="A child that ran this long is stable: its back-off starts over."
+    )
+    boot_failures: int = Field(
+        5, ge=1, description="Consecutive failures before ready that stop the whole stack."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the supervisor and every child."
+    )
+
+
+class Config(Model):
+    """The whole stack."""
+
+    run_dir: Path | None = Field(
+        None,
+        description="Where sockets live; default $XDG_RUNTIME_DIR/lbstack or /tmp/lbstack-<uid>.",
+    )
+    balancers: int = Field(1, ge=1, le=64, description="Balancer processes sharing the listeners.")
+    proxies: int = Field(2, ge=1, le=256, description="Reverse proxies, one per server group.")
+    servers_per_proxy: int = Field(3, ge=1, le=1024, description="Servers behind each proxy.")
+    listen: tuple[AddressField, ...] = Field(
+        (), description="Extra balancer listeners beside balancer.sock, e.g. tcp://127.0.0.1:8080."
+    )
+    metrics_listen: AddressField | None = Field(
+        Address("tcp", host="127.0.0.1", port=9464),
+        description="Loopback TCP address where the supervisor serves every component's metrics.",
+    )
+    balancer: TierConfig = TierConfig()
+    proxy: TierConfig = TierConfig()
+    server: ServerConfig = ServerConfig()
+    groups: tuple[GroupConfig, ...] = Field(
+        (), description="Per-proxy overrides, in proxy order; when given, they define the proxies."
+    )
+    supervisor: SupervisorConfig = SupervisorConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_group_defaults(cls, data: Any) -> Any:
+        """Each group's server table is the top-level one with the group's keys on top."""
+        if not isinstance(data, dict) or not isinstance(data.get("groups"), list | tuple):
+            return data
+        base = data.get("server", {})
+        if not isinstance(base, Mapping):
+            return data
+        groups = []
+        for group in data["groups"]:
+            if isinstance(group, Mapping) and isinstance(group.get("server", {}), Mapping):
+                groups.append({**group, "server": _deep_merge(base, group.get("server", {}))})
+            else:
+                groups.append(group)
+        merged = {**data, "groups": groups}
+        if groups and "proxies" in data and data["proxies"] != len(groups):
+            raise PydanticCustomError(
+                "groups",
+                "proxies={proxies} disagrees with the {n} [[groups]] given; drop one of them",
+                {"proxies": data["proxies"], "n": len(groups)},
+            )
+        if groups:
+            merged["proxies"] = len(groups)
+        return merged
+
+    def group(self, index: int) -> GroupLayout:
+        """The effective layout of proxy ``index``'s group."""
+        override = self.groups[index] if index < len(self.groups) else None
+        server = override.server if override else self.server
+        if server.kind == "address":
+            count = len(server.addresses)
+        elif override and override.servers is not None:
+            count = override.servers
+        else:
+            count = self.servers_per_proxy
+        return GroupLayout(index=index, servers=count, server=server)
+
+    def layouts(self) -> list[GroupLayout]:
+        return [self.group(i) for i in range(self.proxies)]
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir
+        return default_run_dir()
+
+
+class GroupLayout(BaseModel):
+    """A proxy group as it is run: its index, server count and server config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    servers: int
+    server: ServerConfig
+
+    @property
+    def name(self) -> str:
+        return f"proxy-{self.index}"
+
+
+def default_run_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "lbstack"
+    return Path(f"/tmp/lbstack-{os.getuid()}")
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(errors: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for error in errors.errors(include_url=False):
+        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        found = error.get("input")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{prefix}{path}: unknown field (expected one of the documented keys)")
+            continue
+        if error["type"] == "missing":
+            problems.append(f"{prefix}{path}: required field is missing")
+            continue
+        found = f"a {type(found).__name__}" if isinstance(found, dict | list) else repr(found)
+        message = message[0].lower() + message[1:] if message else message
+        if not message.startswith("expected"):
+            message = f"expected: {message}"
+        problems.append(f"{prefix}{path}: {message}; found {found}")
+    return problems
+
+
+def validate(data: Mapping[str, Any], source: str = "") -> Config:
+    """Validate raw settings into a Config, or raise ConfigError listing every problem."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, f"{source}: " if source else "")) from exc
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{path}: no such config file"]) from exc
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+
+
+def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load the TOML file (if any), apply CLI overrides on top, validate once."""
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return validate(data, str(path) if path is not None else "")
+
+
+def from_json(text: str) -> Config:
+    """The config a child receives from its supervisor."""
+    return Config.model_validate_json(text)

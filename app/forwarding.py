@@ -1,0 +1,735 @@
+"""The HTTP forwarding core the balancer and the proxies share.
+
+A ``Forwarder`` takes each request off a data socket, picks an upstream with the
+tier's routing policy and streams the exchange both ways through a keep-alive pool per
+upstream. It owns the data plane's rules: hop-by-hop headers, ``X-Forwarded-*``,
+``Via`` and ``X-Request-Id``; timeouts and limits; retries that are safe; and the
+short plain-text errors the stack itself answers with (400, 408, 413, 502, 503, 504).
+
+``create_router`` builds a balancer's or a proxy's whole ``Component`` around one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from random import Random
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage
+from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
+from yarl import URL
+
+from app.component import UpstreamSpec
+from app.config import TierConfig
+from app.log import get_logger
+from app.metrics import Metrics, UpstreamMetrics
+from app.routing import Upstream, create_policy
+
+log = get_logger("forwarding")
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# What aiohttp's client would add to a request by itself; the request goes as received.
+_SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# How the request-header pass treats a (lower-case) name; absent names are copied.
+_DROP, _CONNECTION, _TRANSFER_ENCODING, _XFF, _XFP, _VIA, _REQUEST_ID, _EXPECT = range(8)
+_REQUEST_SPECIAL: Final = {
+    **dict.fromkeys(HOP_BY_HOP, _DROP),
+    "connection": _CONNECTION,
+    "transfer-encoding": _TRANSFER_ENCODING,
+    "x-forwarded-for": _XFF,
+    "x-forwarded-proto": _XFP,
+    "via": _VIA,
+    "x-request-id": _REQUEST_ID,
+    # Answered here (100 Continue) rather than relayed: see Forwarder._body.
+    "expect": _EXPECT,
+}
+
+# What an exchange waits on; when it waits too long, the status it answers with.
+_WAIT_HEADERS, _READ_CLIENT, _WRITE_UPSTREAM, _READ_UPSTREAM, _WRITE_CLIENT = range(5)
+_PHASE_STATUS: Final = (504, 408, 504, 504, 408)
+_UPSTREAM_PHASES: Final = frozenset({_WAIT_HEADERS, _WRITE_UPSTREAM, _READ_UPSTREAM})
+# Status an exchange fails with when the client went away: nothing is sent (nginx's 499).
+_CLIENT_GONE: Final = 499
+
+_REASONS: Final = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class _BodyAborted(Exception):
+    """Raised into aiohttp's body writer so the upstream never sees a complete body."""
+
+
+class _Exchange:
+    """One request's watchdog and the state its body writer shares with the handler.
+
+    The deadline moves on every body chunk, so it is a plain attribute: the timer
+    re-arms itself lazily when it fires early instead of being rescheduled per chunk.
+    When it expires (or ``fail`` is called) the handler's task is cancelled, and the
+    handler turns that cancellation into ``failure``'s status with ``absorb``.
+    """
+
+    __slots__ = (
+        "_handle",
+        "_loop",
+        "_open",
+        "_task",
+        "body_started",
+        "deadline",
+        "failure",
+        "link",
+        "phase",
+        "responding",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+        self._loop = loop
+        self._task = task
+        self._handle: asyncio.TimerHandle | None = None
+        self._open = True
+        self.deadline = 0.0
+        self.phase = _WAIT_HEADERS
+        self.failure = 0
+        self.body_started = False
+        self.responding = False
+        self.link: _Link | None = None
+
+    def arm(self, deadline: float, phase: int) -> None:
+        """Wait for ``phase`` until ``deadline``, which may be earlier than the last one."""
+        self.deadline = deadline
+        self.phase = phase
+        handle = self._handle
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._handle = None
+        if self._loop.time() < self.deadline:
+            self._handle = self._loop.call_at(self.deadline, self._expire)
+            return
+        self.fail(_PHASE_STATUS[self.phase])
+
+    def fail(self, status: int) -> None:
+        """End the exchange with ``status`` by cancelling the handler (first failure wins)."""
+        if self._open and not self.failure:
+            self.failure = status
+            self._task.cancel()
+
+    def absorb(self) -> int:
+        """The failure a cancellation stands for, or 0 when it came from elsewhere.
+
+        Elsewhere means the client went away (aiohttp's handler cancellation) or the
+        server is shutting down: the caller must re-raise.
+        """
+        failure, self.failure = self.failure, 0
+        if failure and self._task.uncancel() == 0:
+            return failure
+        return 0
+
+    def close(self) -> None:
+        self._open = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class _Link:
+    """A forwarder's connection to one upstream: its pool, URL base and metric series."""
+
+    __slots__ = (
+        "_codes",
+        "_errors",
+        "_metrics",
+        "base",
+        "latency",
+        "retries",
+        "session",
+        "upstream",
+    )
+
+    def __init__(self, upstream: Upstream, metrics: UpstreamMetrics) -> None:
+        self.upstream = upstream
+        self.base = upstream.address.http_base
+        self.session: aiohttp.ClientSession | None = None
+        labels = metrics.labels(upstream.name)
+        self._metrics = metrics
+        self._codes: dict[int, Counter] = {}
+        self._errors: dict[str, Counter] = {}
+        self.latency: Histogram = metrics.latency.labels(*labels)
+        self.retries: Counter = metrics.retries.labels(*labels)
+        # Read at scrape time, so the hot path never takes the metric's lock.
+        metrics.in_flight.labels(*labels).set_function(lambda: upstream.in_flight)
+        metrics.healthy.labels(*labels).set_function(lambda: 1.0 if upstream.available else 0.0)
+
+    def count(self, status: int) -> None:
+        child = self._codes.get(status)
+        if child is None:
+            labels = self._metrics.labels(self.upstream.name)
+            child = self._codes[status] = self._metrics.requests.labels(*labels, str(status))
+        child.inc()
+
+    def error(self, kind: str) -> None:
+        """Count a failure of this upstream: connect, timeout, reset or protocol."""
+        self.upstream.errors += 1
+        child = self._errors.get(kind)
+        if child is None:
+            labels = self._metrics.labels(self.upstream.name)
+            child = self._errors[kind] = self._metrics.errors.labels(*labels, kind)
+        child.inc()
+
+
+class Forwarder:
+    """Forwards every request of a data socket to one upstream of a tier.
+
+    ``edge`` is true for the balancer, the stack's public entry: it sets
+    ``X-Forwarded-Proto``. Otherwise (a proxy, whose upstreams are servers) the
+    forwarder answers ``X-Served-By: <upstream name>``, the header that tells which
+    server served a request.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tier: TierConfig,
+        upstreams: Sequence[UpstreamSpec],
+        metrics: Metrics,
+        *,
+        edge: bool,
+        rng: Random | None = None,
+    ) -> None:
+        self.name = name
+        self.tier = tier
+        self.edge = edge
+        self.state = "starting"
+        self._metrics = metrics
+        self._upstreams = tuple(Upstream(u.name, u.address, u.admin) for u in upstreams)
+        self._policy = create_policy(tier.policy, self._upstreams, rng)
+        upstream_metrics = UpstreamMetrics(metrics)
+        self._links = {u: _Link(u, upstream_metrics) for u in self._upstreams}
+        self._in_flight = 0
+        metrics.in_flight.set_function(lambda: self._in_flight)
+        self._via = f"1.1 {name}"
+        # Request ids: a random per-process prefix and a counter, unique without uuid4.
+        self._id_prefix = f"{secrets.token_hex(6)}-"
+        self._ids = itertools.count(1)
+        timeouts, limits = tier.timeouts, tier.limits
+        self._first_byte = timeouts.first_byte
+        self._idle = timeouts.idle
+        self._max_body = limits.max_body_size
+        self._max_concurrent = limits.max_concurrent
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return self._upstreams
+
+    async def start(self) -> None:
+        """Open one keep-alive pool per upstream (inside the running loop)."""
+        self._loop = asyncio.get_running_loop()
+        timeouts, limits = self.tier.timeouts, self.tier.limits
+        # connect bounds waiting for a pooled slot and connecting; the exchange's own
+        # watchdog bounds the rest, so aiohttp's read timeout stays off.
+        client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect)
+        for link in self._links.values():
+            address = link.upstream.address
+            connector: aiohttp.BaseConnector
+            if address.is_unix:
+                connector = aiohttp.UnixConnector(
+                    path=address.path,
+                    keepalive_timeout=timeouts.pool_idle,
+                    limit=limits.max_connections_per_upstream,
+                )
+            else:
+                connector = aiohttp.TCPConnector(
+                    keepalive_timeout=timeouts.pool_idle,
+                    limit=limits.max_connections_per_upstream,
+                )
+            link.session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=client_timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                trust_env=False,
+                requote_redirect_url=False,
+            )
+        self.state = "ready"
+
+    async def close(self) -> None:
+        """Close every pool, once the data plane has drained its in-flight exchanges."""
+        self.state = "stopped"
+        sessions = [link.session for link in self._links.values() if link.session is not None]
+        for link in self._links.values():
+            link.session = None
+        await asyncio.gather(*(session.close() for session in sessions))
+
+    def status(self) -> dict[str, Any]:
+        """The JSON-able view ``GET /status`` serves."""
+        return {
+            "state": self.state,
+            "in_flight": self._in_flight,
+            "policy": self.tier.policy,
+            "upstreams": [
+                {
+                    "name": u.name,
+                    "address": str(u.address),
+                    "in_flight": u.in_flight,
+                    "requests": u.requests,
+                    "errors": u.errors,
+                    "available": u.available,
+                }
+                for u in self._upstreams
+            ],
+        }
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Forward one request and stream its answer back (the data socket's handler)."""
+        loop = self._loop
+        if loop is None:  # not started yet, or a handler called outside the loop
+            return self._error(request, 503, self._new_id(), "not ready", retry_after=True)
+        started = loop.time()
+        metrics = self._metrics
+        headers, request_id, problem = self._upstream_headers(request)
+        response: web.StreamResponse
+        if problem:
+            response = await self._refuse(request, 400, request_id, problem)
+        elif self._max_body and (request.content_length or 0) > self._max_body:
+            response = self._error(request, 413, request_id, "request body over the limit")
+        elif self._in_flight >= self._max_concurrent:
+            response = self._error(
+                request, 503, request_id, "too many requests in flight", retry_after=True
+            )
+        elif self.state != "ready":
+            response = self._error(request, 503, request_id, "not ready", retry_after=True)
+        else:
+            self._in_flight += 1
+            try:
+                response = await self._forward(request, loop, headers, request_id)
+            finally:
+                self._in_flight -= 1
+        metrics.count(response.status)
+        metrics.latency.observe(loop.time() - started)
+        return response
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def _upstream_headers(self, request: web.BaseRequest) -> tuple[CIMultiDict[str], str, str]:
+        """The headers to send upstream, the request id, and a problem (400) or ""."""
+        headers: CIMultiDict[str] = CIMultiDict()
+        connection = forwarded_for = via = request_id = problem = ""
+        forwarded_proto = "http" if self.edge else ""
+        special = _REQUEST_SPECIAL
+        for name, value in request.headers.items():
+            kind = special.get(name.lower())
+            if kind is None:
+                headers.add(name, value)
+            elif kind == _XFF:
+                forwarded_for = f"{forwarded_for}, {value}" if forwarded_for else value
+            elif kind == _VIA:
+                via = f"{via}, {value}" if via else value
+            elif kind == _REQUEST_ID:
+                request_id = request_id or value
+            elif kind == _XFP:
+                if not self.edge:
+                    forwarded_proto = value
+            elif kind == _CONNECTION:
+                connection = f"{connection},{value}"
+            elif kind == _TRANSFER_ENCODING and request.version < HttpVersion11:
+                # RFC 9112 6.1: framing an HTTP/1.0 server can't trust; aiohttp accepts it.
+                problem = "Transfer-Encoding in an HTTP/1.0 request"
+            elif kind == _EXPECT and value.lower() != "100-continue":
+                headers.add(name, value)
+        if connection:
+            for token in connection.split(","):
+                if token := token.strip():
+                    headers.popall(token, None)
+        client = request.remote or "unix"  # a unix socket's peer has no address
+        headers["X-Forwarded-For"] = f"{forwarded_for}, {client}" if forwarded_for else client
+        if forwarded_proto:
+            headers["X-Forwarded-Proto"] = forwarded_proto
+        headers["Via"] = f"{via}, {self._via}" if via else self._via
+        headers["X-Request-Id"] = request_id = request_id or self._new_id()
+        return headers, request_id, problem
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        loop: asyncio.AbstractEventLoop,
+        headers: CIMultiDict[str],
+        request_id: str,
+    ) -> web.StreamResponse:
+        target = request.raw_path
+        if not target.startswith("/"):
+            # Absolute form (RFC 9112 3.2.2) goes upstream in origin form; nothing else
+            # (authority form, asterisk form) is forwarded.
+            url = URL(target, encoded=True)
+            if not url.absolute or not url.raw_path.startswith("/"):
+                return self._error(request, 400, request_id, "unsupported request target")
+            target = url.raw_path_qs
+        task = asyncio.current_task()
+        assert task is not None
+        exchange = _Exchange(loop, task)
+        try:
+            upstream_response = await self._open(
+                request, loop, headers, request_id, target, exchange
+            )
+            if isinstance(upstream_response, web.StreamResponse):
+                return upstream_response
+            return await self._relay(request, loop, upstream_response, request_id, exchange)
+        finally:
+            exchange.close()
+
+    async def _open(
+        self,
+        request: web.BaseRequest,
+        loop: asyncio.AbstractEventLoop,
+        headers: CIMultiDict[str],
+        request_id: str,
+        target: str,
+        exchange: _Exchange,
+    ) -> aiohttp.ClientResponse | web.Response:
+        """Send the request upstream until one answers with headers, retrying when safe.
+
+        Returns the upstream's response, or the error to answer with.
+        """
+        method = request.method
+        has_body = request.body_exists
+        idempotent = method in IDEMPOTENT_METHODS
+        replayable = idempotent or not has_body
+        expect_continue = (
+            has_body
+            and request.version == HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        )
+        tried: tuple[Upstream, ...] = ()
+        raced = False
+        upstream = self._policy.pick()
+        if upstream is None:
+            return self._error(request, 503, request_id, "no upstream available", retry_after=True)
+        while True:
+            link = self._links[upstream]
+            session = link.session
+            assert session is not None
+            exchange.link = link
+            body = self._body(request, exchange, expect_continue) if has_body else None
+            sent = loop.time()
+            # Without a body the request is sent at once: only the first byte is awaited.
+            # With one, the body writer moves the deadline chunk by chunk.
+            exchange.arm(sent + (self._first_byte if body is None else self._idle), _WAIT_HEADERS)
+            upstream.in_flight += 1
+            upstream.requests += 1
+            try:
+                try:
+                    response = await session.request(
+                        method,
+                        URL(link.base + target, encoded=True),
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                    )
+                except BaseException:
+                    upstream.in_flight -= 1
+                    raise
+            except asyncio.CancelledError:
+                failure = exchange.absorb()
+                if not failure:
+                    self._client_gone(request, request_id, "waiting for the upstream")
+                    raise
+                return await self._fail_before_response(
+                    request, request_id, failure, link, exchange
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # The request never reached this upstream: another one may take it.
+                log.info("%s: cannot connect (%s)", upstream.name, exc)
+                if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    link.error("timeout")
+                    status, problem = 504, "upstream connect timeout"
+                else:
+                    link.error("connect")
+                    status, problem = 502, "upstream refused the connection"
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Closed before any response byte: most often the keep-alive race, a
+                # pooled connection the upstream closed as we reused it.
+                link.error("reset")
+                log.info("%s: connection lost before the response (%r)", upstream.name, exc)
+                status, problem = 502, "upstream closed the connection"
+                if not replayable or exchange.body_started:
+                    return self._error(request, status, request_id, problem)
+                if not idempotent and not raced:
+                    # aiohttp already retried idempotent methods once on a fresh
+                    # connection; do the same for the others, then move on.
+                    raced = True
+                    link.retries.inc()
+                    continue
+            except aiohttp.ClientError as exc:
+                link.error("protocol")
+                log.info("%s: bad response (%r)", upstream.name, exc)
+                return self._error(request, 502, request_id, "invalid upstream response")
+            else:
+                link.latency.observe(loop.time() - sent)
+                link.count(response.status)
+                return response
+            tried = (*tried, upstream)
+            next_upstream = self._policy.pick(tried)
+            if next_upstream is None:
+                return self._error(request, status, request_id, problem)
+            link.retries.inc()
+            upstream = next_upstream
+
+    async def _fail_before_response(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        failure: int,
+        link: _Link,
+        exchange: _Exchange,
+    ) -> web.Response:
+        """The answer for an exchange that failed before any response header was sent."""
+        if failure == _CLIENT_GONE:
+            self._client_gone(request, request_id, "sending its body")
+            return web.Response(status=_CLIENT_GONE)  # never reaches anyone
+        if failure == 504:
+            link.error("timeout")
+            waited = "headers" if exchange.phase == _WAIT_HEADERS else "it to read the body"
+            log.info("%s: timed out waiting for %s", link.upstream.name, waited)
+            return self._error(request, 504, request_id, "upstream timed out")
+        if failure == 413:
+            return self._error(request, 413, request_id, "request body over the limit")
+        problem = "request body too slow" if failure == 408 else "malformed request body"
+        return await self._refuse(request, failure, request_id, problem)
+
+    async def _body(
+        self, request: web.BaseRequest, exchange: _Exchange, expect_continue: bool
+    ) -> AsyncIterator[bytes]:
+        """The client's request body, chunk by chunk as it arrives, within the limits.
+
+        A failure (client gone, malformed, too slow, too large) fails the exchange
+        and raises, so aiohttp drops the upstream connection without ending the body.
+        """
+        assert self._loop is not None
+        time = self._loop.time
+        idle = self._idle
+        limit = self._max_body
+        content = request.content
+        received = 0
+        # From here the client's body is being consumed: this request can't be replayed.
+        exchange.body_started = True
+        while True:
+            exchange.phase = _READ_CLIENT
+            try:
+                if expect_continue:
+                    # The client waits for this before sending its body: say it here,
+                    # once connected upstream, instead of relaying the upstream's.
+                    expect_continue = False
+                    await request.writer.write(_CONTINUE)
+                chunk = await content.readany()
+            except ConnectionError as exc:
+                exchange.fail(_CLIENT_GONE)
+                raise _BodyAborted("client went away") from exc
+            except BadHttpMessage as exc:
+                log.info("malformed request body: %s", exc.message)
+                exchange.fail(400)
+                raise _BodyAborted("malformed request body") from exc
+            if not chunk:
+                break
+            received += len(chunk)
+            if limit and received > limit:
+                exchange.fail(413)
+                raise _BodyAborted("request body over the limit")
+            exchange.phase = _WRITE_UPSTREAM
+            exchange.deadline = time() + idle
+            yield chunk
+            exchange.deadline = time() + idle
+        if not exchange.responding:
+            exchange.arm(time() + self._first_byte, _WAIT_HEADERS)
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        loop: asyncio.AbstractEventLoop,
+        upstream_response: aiohttp.ClientResponse,
+        request_id: str,
+        exchange: _Exchange,
+    ) -> web.StreamResponse:
+        """Stream the upstream's response to the client; abort both on a failure."""
+        link = exchange.link
+        assert link is not None
+        upstream = link.upstream
+        headers = self._response_headers(upstream_response, request_id, upstream)
+        content = upstream_response.content
+        if content.is_eof():
+            # The whole body came with the headers, as small responses do: answer with
+            # one write of headers and body instead of streaming.
+            body = content.read_nowait()
+            upstream.in_flight -= 1
+            upstream_response.release()
+            return web.Response(
+                status=upstream_response.status,
+                reason=upstream_response.reason,
+                headers=headers,
+                body=body,
+            )
+        time = loop.time
+        idle = self._idle
+        response = web.StreamResponse(
+            status=upstream_response.status, reason=upstream_response.reason, headers=headers
+        )
+        exchange.responding = True
+        exchange.arm(time() + idle, _WRITE_CLIENT)
+        try:
+            await response.prepare(request)
+            while True:
+                exchange.phase = _READ_UPSTREAM
+                exchange.deadline = time() + idle
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                exchange.phase = _WRITE_CLIENT
+                exchange.deadline = time() + idle
+                await response.write(chunk)
+            exchange.phase = _WRITE_CLIENT
+            await response.write_eof()
+        except asyncio.CancelledError:
+            failure = exchange.absorb()
+            upstream_response.close()
+            if not failure:
+                self._client_gone(request, request_id, "receiving the response")
+                raise
+            if failure == _CLIENT_GONE:
+                self._client_gone(request, request_id, "receiving the response")
+            elif exchange.phase in _UPSTREAM_PHASES:
+                link.error("timeout")
+                log.info("%s: response stalled; aborted %s", upstream.name, request_id)
+            else:
+                log.info(
+                    "%s: aborted mid-response, the client side failed (%d)", request_id, failure
+                )
+            self._abort(request, response)
+        except Exception as exc:
+            upstream_response.close()
+            if exchange.phase == _WRITE_CLIENT and isinstance(exc, ConnectionError):
+                self._client_gone(request, request_id, "receiving the response")
+            else:
+                link.error("protocol" if isinstance(exc, aiohttp.ClientPayloadError) else "reset")
+                log.info("%s: response broken off (%r); aborted %s", upstream.name, exc, request_id)
+                self._abort(request, response)
+        finally:
+            upstream.in_flight -= 1
+            upstream_response.release()
+        return response
+
+    def _response_headers(
+        self, upstream_response: aiohttp.ClientResponse, request_id: str, upstream: Upstream
+    ) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        connection = ""
+        for name, value in upstream_response.headers.items():
+            lower = name.lower()
+            if lower not in HOP_BY_HOP:
+                headers.add(name, value)
+            elif lower == "connection":
+                connection = f"{connection},{value}"
+        if connection:
+            for token in connection.split(","):
+                if token := token.strip():
+                    headers.popall(token, None)
+        headers["X-Request-Id"] = request_id
+        if not self.edge:
+            headers["X-Served-By"] = upstream.name
+        return headers
+
+    def _abort(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Break off a response already under way, so the client sees it incomplete."""
+        response.force_close()
+        transport = request.transport
+        if transport is not None:
+            # abort, not close: a stalled client would keep a closing transport forever.
+            transport.abort()
+
+    def _client_gone(self, request: web.BaseRequest, request_id: str, doing: str) -> None:
+        """Count a client that went away.
+
+        A cancellation while the client is still connected is the server shutting down.
+        """
+        if request.transport is None:
+            self._metrics.client_disconnects.inc()
+            log.debug("client went away while %s (%s)", doing, request_id)
+        else:
+            log.debug("cancelled while %s (%s)", doing, request_id)
+
+    async def _refuse(
+        self, request: web.BaseRequest, status: int, request_id: str, problem: str
+    ) -> web.Response:
+        """Answer a client whose body won't be read (malformed or stalled), then hang up.
+
+        Left to aiohttp, the connection would linger up to 10 s draining a body that
+        can't be trusted or isn't coming. Other errors keep that lingering, so a client
+        still sending can read its answer.
+        """
+        response = self._error(request, status, request_id, problem)
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write_eof()
+        request.protocol.force_close()  # after the answer is flushed
+        return response
+
+    def _error(
+        self,
+        request: web.BaseRequest,
+        status: int,
+        request_id: str,
+        problem: str,
+        *,
+        retry_after: bool = False,
+    ) -> web.Response:
+        """A short plain-text error of the stack's own."""
+        headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "text/plain; charset=utf-8", "X-Request-Id": request_id}
+        )
+        if retry_after:
+            headers["Retry-After"] = "1"
+        response = web.Response(
+            status=status,
+            body=f"{status} {_REASONS[status]}: {problem}\n".encode(),
+            headers=headers,
+        )
+        if status in (400, 408, 413) or not request.content.is_eof():
+            # The rest of the body is not worth reading; the connection can't be reused.
+            response.force_close()
+        return response
+
+
+# The admin app's handle on its forwarder, for routes that act on it.
+FORWARDER: Final = web.AppKey("forwarder", Forwarder)

@@ -1,0 +1,272 @@
+"""The built-in simulated application server (role ``server``).
+
+Data plane: every method and path is answered ``200`` with a JSON echo of the request
+(``server``, ``method``, ``path``, ``raw_path``, ``version``, ``query_string``,
+``query`` as a dict of lists, ``headers`` as received with a repeated header's values
+in a list, ``body_bytes`` and ``body_sha256`` of the body, which is read streaming and
+never held whole, and ``padding``), after the simulated work the current
+``Simulation`` asks for: latency, CPU time, padding, and a share of requests answered
+``error_status`` with a small JSON error instead. Every answer carries
+``X-Served-By: <name>``.
+
+One request header changes the answer:
+
+``X-Sim-Response-Bytes: N``
+    Answer with ``N`` bytes (a byte count or a size like ``64KiB``, ``1GiB``) of
+    ``application/octet-stream``, streamed in chunks with ``Content-Length: N``,
+    instead of the echo. A malformed value is answered ``400``.
+
+Admin plane: the shared routes, plus fault injection on ``/fault`` (never reachable
+through the data socket): ``GET /fault`` shows the fault state, ``POST /fault`` with a
+JSON object changes the simulation (any ``Simulation`` field, validated like the
+config) and takes the actions ``hang``, ``crash`` and ``clear``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic_core import PydanticCustomError
+
+from app.admin import create_admin_app
+from app.component import ChildSpec, Component
+from app.config import parse_size
+from app.errors import StartupError
+from app.httpserver import server_options
+from app.log import get_logger
+from app.metrics import Metrics
+from app.simulation import FaultError, Simulator, Work, burn_cpu
+
+SERVED_BY = "X-Served-By"
+RESPONSE_BYTES = "X-Sim-Response-Bytes"
+CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor sees a crash, not a clean stop
+CHUNK_SIZE = 64 * 1024
+_CHUNK = memoryview(b"x" * CHUNK_SIZE)
+
+ExitFn = Callable[[int], object]
+
+log = get_logger("server")
+
+
+class SimulatedServer:
+    """The built-in application: echoes each request after its simulated work."""
+
+    def __init__(
+        self,
+        name: str,
+        simulator: Simulator,
+        metrics: Metrics,
+        exit_process: ExitFn = os._exit,
+    ) -> None:
+        self.name = name
+        self.simulator = simulator
+        self.metrics = metrics
+        self._exit_process = exit_process
+        self.in_flight = 0
+        self.served = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The data plane: any method, any path."""
+        started = time.perf_counter()
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._respond(request)
+        except ConnectionError:
+            # The client went away mid-body or mid-download (a reset, or a plain
+            # "Connection lost" from a pending drain): count it, no traceback.
+            self.metrics.client_disconnects.inc()
+            log.debug("client of %s %s went away", request.method, request.path)
+            gone = web.Response(status=400)  # never delivered; aiohttp drops it quietly
+            gone.force_close()
+            return gone
+        except asyncio.CancelledError:
+            # With handler_cancellation, a client leaving cancels us; a cancellation
+            # while the client is still connected is the server shutting down.
+            if request.transport is None:
+                self.metrics.client_disconnects.inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        self.served += 1
+        self.metrics.count(response.status)
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
+        download: int | None = None
+        if RESPONSE_BYTES in request.headers:
+            try:
+                download = parse_size(request.headers[RESPONSE_BYTES])
+            except PydanticCustomError as exc:
+                return self._json(
+                    {"server": self.name, "error": f"{RESPONSE_BYTES}: {exc.message()}"},
+                    status=400,
+                )
+        body_bytes, body_sha256 = await _drain(request)
+        work = self.simulator.draw()
+        await self._work(work)
+        if work.error_status is not None:
+            return self._json(
+                {"server": self.name, "error": "simulated error", "status": work.error_status},
+                status=work.error_status,
+            )
+        if download is not None:
+            return await self._stream(request, download)
+        return self._json(
+            {
+                "server": self.name,
+                "method": request.method,
+                "path": request.path,
+                "raw_path": request.raw_path,
+                "version": f"{request.version.major}.{request.version.minor}",
+                "query_string": request.query_string,
+                "query": {key: request.query.getall(key) for key in request.query},
+                "headers": _headers(request),
+                "body_bytes": body_bytes,
+                "body_sha256": body_sha256,
+                "padding": "x" * work.padding,
+            }
+        )
+
+    async def _work(self, work: Work) -> None:
+        if work.latency > 0:
+            await asyncio.sleep(work.latency)
+        burn_cpu(work.cpu)
+        await self.simulator.gate()
+
+    async def _stream(self, request: web.BaseRequest, size: int) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={SERVED_BY: self.name, "Content-Type": "application/octet-stream"}
+        )
+        response.content_length = size
+        await response.prepare(request)
+        remaining = size
+        while remaining > 0:
+            await self.simulator.gate()  # a hang stops a download midway too
+            chunk = _CHUNK[: min(remaining, CHUNK_SIZE)]
+            await response.write(chunk)  # waits while the client is slower than us
+            remaining -= len(chunk)
+        await response.write_eof()
+        return response
+
+    def _json(self, data: dict[str, Any], status: int = 200) -> web.Response:
+        return web.json_response(data, status=status, headers={SERVED_BY: self.name})
+
+    def status(self) -> dict[str, Any]:
+        """The server's part of ``GET /status``."""
+        return {
+            "state": "hanging" if self.simulator.hanging else "ready",
+            "in_flight": self.in_flight,
+            "requests": self.served,
+            "held": self.simulator.held,
+            "simulation": self.simulator.current.model_dump(mode="json"),
+        }
+
+    def ready(self) -> bool:
+        # A hanging server takes requests but answers none: not ready for traffic.
+        return not self.simulator.hanging
+
+    async def get_fault(self, request: web.Request) -> web.Response:
+        """``GET /fault``: the current fault state."""
+        return web.json_response(self.simulator.snapshot())
+
+    async def post_fault(self, request: web.Request) -> web.StreamResponse:
+        """``POST /fault``: change the simulation, hang, un-hang, clear or crash."""
+        try:
+            data = await request.json()
+        except ValueError:  # not JSON, or not UTF-8
+            return _refused(
+                FaultError([{"field": "(body)", "expected": "a JSON object", "found": "not JSON"}])
+            )
+        try:
+            fault = self.simulator.apply(data)
+        except FaultError as exc:
+            return _refused(exc)
+        log.warning("fault injected: %s", json.dumps(data, sort_keys=True))
+        if not fault.crash:
+            return web.json_response(self.simulator.snapshot())
+        response = web.json_response(
+            {**self.simulator.snapshot(), "crashing": True, "exit_status": CRASH_EXIT_STATUS},
+            status=202,
+        )
+        # Send the whole answer first, then die abruptly like a real crash: no cleanup,
+        # no graceful drain, a non-zero exit status.
+        await response.prepare(request)
+        await response.write_eof()
+        log.warning("crash fault: exiting with status %d", CRASH_EXIT_STATUS)
+        asyncio.get_running_loop().call_soon(self._exit_process, CRASH_EXIT_STATUS)
+        return response
+
+    def admin_app(self) -> web.Application:
+        """The shared admin app plus the ``/fault`` routes."""
+        app = create_admin_app(self.metrics, status=self.status, ready=self.ready)
+        app.router.add_get("/fault", self.get_fault)
+        app.router.add_post("/fault", self.post_fault)
+        return app
+
+
+def create(
+    spec: ChildSpec,
+    *,
+    rng: random.Random | None = None,
+    exit_process: ExitFn = os._exit,
+) -> Component:
+    """The component of a built-in server; ``rng`` and ``exit_process`` are for tests."""
+    if spec.group is None:
+        raise StartupError(f"{spec.name}: a server needs the group it belongs to, found none")
+    config = spec.config.group(spec.group).server
+    if config.kind != "simulated":
+        raise StartupError(
+            f"{spec.name}: the built-in server runs kind='simulated', found kind={config.kind!r}"
+        )
+    server = SimulatedServer(
+        spec.name,
+        Simulator(config.simulation, rng),
+        Metrics("server", spec.name),
+        exit_process,
+    )
+    return Component(
+        handler=server.handle,
+        admin=server.admin_app(),
+        server_options=server_options(keepalive=config.keepalive),
+    )
+
+
+async def _drain(request: web.BaseRequest) -> tuple[int, str]:
+    """Read the body chunk by chunk: its length and sha256, never the whole of it."""
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _headers(request: web.BaseRequest) -> dict[str, str | list[str]]:
+    """Request headers as received; a repeated header's values become a list."""
+    echoed: dict[str, str | list[str]] = {}
+    spelling: dict[str, str] = {}  # lower-case name -> first spelling seen
+    for name, value in request.headers.items():
+        key = spelling.setdefault(name.lower(), name)
+        previous = echoed.get(key)
+        if previous is None:
+            echoed[key] = value
+        elif isinstance(previous, list):
+            previous.append(value)
+        else:
+            echoed[key] = [previous, value]
+    return echoed
+
+
+def _refused(exc: FaultError) -> web.Response:
+    return web.json_response({"error": str(exc), "problems": exc.problems}, status=400)

@@ -1,0 +1,408 @@
+"""The supervisor: binds every socket, spawns the stack tier by tier, keeps it running.
+
+Like gunicorn's Arbiter: signal handlers only queue the signal and the main loop
+dispatches it; sockets are bound once here and inherited by every (re)started child;
+one graceful timeout, then SIGKILL. The supervisor knows its children only through
+their sockets, their admin HTTP API and the config: it imports no data-plane module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
+
+from aiohttp import web
+
+from app import sockets
+from app.address import Address
+from app.component import (
+    ChildSpec,
+    UpstreamSpec,
+    balancer_name,
+    proxy_name,
+    server_name,
+)
+from app.config import Config, GroupLayout
+from app.errors import LbstackError, StartupError
+from app.log import get_logger
+from app.rundir import RunDir
+from app.supervisor.child import Child, Launch, python_argv
+from app.supervisor.control import create_control_app, create_metrics_app
+from app.supervisor.telemetry import SupervisorMetrics
+
+log = get_logger("supervisor")
+PR_SET_PDEATHSIG = 1
+
+
+class Supervisor:
+    """Runs one stack described by a Config until told to stop."""
+
+    def __init__(self, config: Config, out: TextIO = sys.stdout) -> None:
+        self.config = config
+        self.run_dir = RunDir(config.resolved_run_dir())
+        self.out = out
+        self.children: dict[str, Child] = {}
+        self.started_at = time.time()
+        self.metrics = SupervisorMetrics(self)
+        self.metrics_address: Address | None = None
+        self._sockets: dict[Address, socket.socket] = {}
+        self._foreign_paths: list[Address] = []  # sockets our command-run servers create
+        self._runners: list[web.BaseRunner] = []
+        self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self._fatal: str | None = None
+        self._fatal_event = asyncio.Event()
+
+    # ---- the main loop -------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start the stack, serve until a stop signal or a fatal failure; the exit status."""
+        try:
+            self._prepare()
+            await self._serve_control()
+            self._install_signals()
+            self._plan_children()
+            if await self._start_tiers():
+                self._announce()
+                await self._loop()
+        finally:
+            await self._shutdown()
+        if self._fatal is not None:
+            raise StartupError(self._fatal)
+        return 0
+
+    async def _loop(self) -> None:
+        handlers: dict[signal.Signals, Callable[[], bool]] = {
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_int,
+            signal.SIGHUP: self.handle_hup,
+        }
+        fatal = asyncio.create_task(self._fatal_event.wait())
+        try:
+            while True:
+                received = asyncio.create_task(self._signals.get())
+                await asyncio.wait({received, fatal}, return_when=asyncio.FIRST_COMPLETED)
+                if fatal.done():
+                    received.cancel()
+                    return
+                if handlers[received.result()]():
+                    return
+        finally:
+            fatal.cancel()
+
+    def handle_term(self) -> bool:
+        log.info("SIGTERM: stopping the stack")
+        return True
+
+    def handle_int(self) -> bool:
+        log.info("SIGINT: stopping the stack")
+        return True
+
+    def handle_hup(self) -> bool:
+        log.warning("SIGHUP: configuration reload is not available in this version; ignored")
+        return False
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+
+    def _on_fatal(self, child: Child, message: str) -> None:
+        if self._fatal is None:
+            self._fatal = message
+            log.error("giving up: %s", message)
+        self._fatal_event.set()
+
+    def _on_restart(self, child: Child) -> None:
+        self.metrics.restarted(child)
+
+    # ---- sockets -------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        layouts = self.config.layouts()
+        longest = max(
+            [balancer_name(self.config.balancers - 1)]
+            + [server_name(g.index, g.servers - 1) for g in layouts],
+            key=len,
+        )
+        self.run_dir.check_length(longest)
+        self.run_dir.prepare()
+        self._bind(self.run_dir.balancer, sockets.DATA_MODE)
+        for address in self.config.listen:
+            self._bind(address, sockets.DATA_MODE)
+        self._bind(self.run_dir.control, sockets.ADMIN_MODE)
+        if self.config.metrics_listen is not None:
+            sock = self._bind(self.config.metrics_listen, sockets.ADMIN_MODE)
+            self.metrics_address = _bound_address(self.config.metrics_listen, sock)
+
+    def _bind(self, address: Address, mode: int) -> socket.socket:
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = self._sockets[address] = sockets.bind(address, mode)
+        return sock
+
+    def _fds(self, addresses: Iterable[Address]) -> tuple[int, ...]:
+        return tuple(self._sockets[a].fileno() for a in addresses)
+
+    # ---- children ------------------------------------------------------------------
+
+    def _plan_children(self) -> None:
+        layouts = self.config.layouts()
+        for layout in layouts:
+            for index in range(layout.servers):
+                self._add(self._plan_server(layout, index))
+        for layout in layouts:
+            self._add(self._plan_proxy(layout))
+        for index in range(self.config.balancers):
+            self._add(self._plan_balancer(index))
+        self._write_targets()
+
+    def _add(self, child: Child | None) -> None:
+        if child is not None:
+            self.children[child.name] = child
+
+    def _child(
+        self,
+        name: str,
+        role: str,
+        group: int | None,
+        listen: list[Address],
+        admin: Address | None,
+        launch: Callable[[], Launch],
+        ready_check: tuple[Address, str],
+    ) -> Child:
+        return Child(
+            name=name,
+            role=role,
+            group=group,
+            listen=listen,
+            admin=admin,
+            launch=launch,
+            ready_check=ready_check,
+            settings=self.config.supervisor,
+            on_fatal=self._on_fatal,
+            on_restart=self._on_restart,
+        )
+
+    def _builtin(
+        self,
+        name: str,
+        role: str,
+        group: int | None,
+        listen: list[Address],
+        upstreams: Callable[[], tuple[UpstreamSpec, ...]] = tuple,
+    ) -> Child:
+        """A child running our own code (``python -m app.child``) on bound sockets."""
+        for address in listen:
+            self._bind(address, sockets.DATA_MODE)
+        admin = self.run_dir.admin(name)
+        self._bind(admin, sockets.ADMIN_MODE)
+
+        def launch() -> Launch:
+            spec = ChildSpec(
+                name=name,
+                role=role,
+                group=group,
+                listen_fds=self._fds(listen),
+                admin_fd=self._fds([admin])[0],
+                upstreams=upstreams(),
+                parent_pid=os.getpid(),
+                config=self.config,
+            )
+            return Launch(
+                argv=python_argv(),
+                env={**os.environ, **spec.to_env()},
+                pass_fds=(*spec.listen_fds, spec.admin_fd),
+            )
+
+        return self._child(name, role, group, listen, admin, launch, (admin, "/readyz"))
+
+    def _plan_server(self, layout: GroupLayout, index: int) -> Child | None:
+        name = server_name(layout.index, index)
+        server = layout.server
+        if server.kind == "simulated":
+            return self._builtin(name, "server", layout.index, [self.run_dir.data(name)])
+        if server.kind == "address":
+            return None
+        data = self.run_dir.data(name)
+        sockets.clear_stale(data.path)
+        self._foreign_paths.append(data)
+        argv = [
+            part.replace("{socket}", data.path).replace("{name}", name)
+            for part in shlex.split(server.command)
+        ]
+
+        def launch() -> Launch:
+            sockets.clear_stale(data.path)
+            return Launch(argv=argv, env=dict(os.environ), preexec_fn=die_with_parent)
+
+        return self._child(
+            name, "server", layout.index, [data], None, launch, (data, server.health_path)
+        )
+
+    def _servers_of(self, layout: GroupLayout) -> tuple[UpstreamSpec, ...]:
+        server = layout.server
+        if server.kind == "address":
+            return tuple(
+                UpstreamSpec(
+                    name=server_name(layout.index, i),
+                    address=address,
+                    health_path=server.health_path,
+                )
+                for i, address in enumerate(server.addresses)
+            )
+        names = [
+            n for n, c in self.children.items() if c.role == "server" and c.group == layout.index
+        ]
+        return tuple(
+            UpstreamSpec(
+                name=n,
+                address=self.children[n].listen[0],
+                admin=self.children[n].admin,
+                health_path=server.health_path,
+            )
+            for n in names
+        )
+
+    def _plan_proxy(self, layout: GroupLayout) -> Child:
+        name = proxy_name(layout.index)
+        return self._builtin(
+            name,
+            "proxy",
+            layout.index,
+            [self.run_dir.data(name)],
+            upstreams=lambda: self._servers_of(layout),
+        )
+
+    def _plan_balancer(self, index: int) -> Child:
+        def proxies() -> tuple[UpstreamSpec, ...]:
+            return tuple(
+                UpstreamSpec(name=c.name, address=c.listen[0], admin=c.admin)
+                for c in self.children.values()
+                if c.role == "proxy"
+            )
+
+        listen = [self.run_dir.balancer, *self.config.listen]
+        return self._builtin(balancer_name(index), "balancer", None, listen, proxies)
+
+    def _tiers(self) -> list[list[Child]]:
+        by_role: dict[str, list[Child]] = {"server": [], "proxy": [], "balancer": []}
+        for child in self.children.values():
+            by_role[child.role].append(child)
+        return [by_role["server"], by_role["proxy"], by_role["balancer"]]
+
+    async def _start_tiers(self) -> bool:
+        """Servers, then proxies, then balancers, each tier ready before the next."""
+        for tier in self._tiers():
+            for child in tier:
+                child.start()
+            results = await asyncio.gather(*(c.wait_ready() for c in tier))
+            if not all(results) or self._fatal is not None:
+                return False
+        return True
+
+    async def _shutdown(self) -> None:
+        """Balancers first, servers last; then sockets and files."""
+        timeout = self.config.supervisor.graceful_timeout + 1.0
+        for tier in reversed(self._tiers()):
+            await asyncio.gather(*(child.stop(timeout) for child in tier))
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        for address, sock in self._sockets.items():
+            sock.close()
+            sockets.unlink(address)
+        for address in self._foreign_paths:
+            with contextlib.suppress(LbstackError):
+                sockets.clear_stale(address.path)
+        with contextlib.suppress(FileNotFoundError):
+            self.run_dir.targets_file.unlink()
+        log.info("stack stopped")
+
+    # ---- control plane -------------------------------------------------------------
+
+    async def _serve_control(self) -> None:
+        control = web.AppRunner(create_control_app(self), access_log=None)
+        await control.setup()
+        self._runners.append(control)
+        await web.SockSite(control, self._sockets[self.run_dir.control]).start()
+        if self.config.metrics_listen is not None:
+            exporter = web.AppRunner(create_metrics_app(self), access_log=None)
+            await exporter.setup()
+            self._runners.append(exporter)
+            await web.SockSite(exporter, self._sockets[self.config.metrics_listen]).start()
+
+    def status(self) -> dict[str, Any]:
+        """The stack as ``lbstack status --json`` prints it (a contract)."""
+        supervisor = {
+            "name": "supervisor",
+            "role": "supervisor",
+            "group": None,
+            "pid": os.getpid(),
+            "state": "stopping" if self._fatal_event.is_set() else "ready",
+            "restarts": 0,
+            "listen": [str(self.run_dir.control)],
+            "admin": str(self.run_dir.control),
+            "started_at": self.started_at,
+            "last_exit": None,
+        }
+        return {
+            "run_dir": str(self.run_dir.path),
+            "balancer": [str(self.run_dir.balancer), *(str(a) for a in self.config.listen)],
+            "metrics": None if self.metrics_address is None else str(self.metrics_address),
+            "components": [supervisor, *(c.status() for c in self.children.values())],
+        }
+
+    def _write_targets(self) -> None:
+        """The file_sd targets file Prometheus reads to scrape every component."""
+        if self.metrics_address is None:
+            return
+        host = f"{self.metrics_address.host}:{self.metrics_address.port}"
+        groups = [{"targets": [host], "labels": {"lbstack_target": "supervisor"}}]
+        groups += [
+            {"targets": [host], "labels": {"lbstack_target": name}}
+            for name, child in self.children.items()
+            if child.admin is not None
+        ]
+        tmp = self.run_dir.targets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups, indent=2))
+        tmp.replace(self.run_dir.targets_file)
+
+    def _announce(self) -> None:
+        servers = sum(layout.servers for layout in self.config.layouts())
+        socket_path = self.run_dir.balancer.path
+        lines = [
+            f"lbstack up: {self.config.balancers} balancer(s), {self.config.proxies} proxies, "
+            f"{servers} servers; run dir {self.run_dir.path}",
+            f"  balancer: {self.run_dir.balancer}",
+            *(f"            {a}" for a in self.config.listen),
+        ]
+        if self.metrics_address is not None:
+            lines.append(f"  metrics:  {self.metrics_address.http_base}/metrics")
+        lines += [
+            f"  try:      curl --unix-socket {socket_path} http://localhost/",
+            f"  status:   lbstack status --run-dir {self.run_dir.path}",
+            "  stop:     Ctrl-C",
+        ]
+        print("\n".join(lines), file=self.out, flush=True)
+
+
+def _bound_address(address: Address, sock: socket.socket) -> Address:
+    """The address actually bound (a tcp port 0 becomes the port the kernel chose)."""
+    if address.is_unix:
+        return address
+    return Address("tcp", host=address.host, port=sock.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    """preexec hook: SIGTERM this child when the supervisor dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

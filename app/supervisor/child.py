@@ -1,0 +1,235 @@
+"""One supervised child: spawn it, wait until ready, watch it, restart it, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from app.address import Address
+from app.adminclient import probe
+from app.config import SupervisorConfig
+from app.log import get_logger
+
+log = get_logger("supervisor")
+
+LIVENESS_INTERVAL = 2.0
+LIVENESS_TIMEOUT = 2.0
+LIVENESS_FAILURES = 3
+READY_POLL = 0.05
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    EXTERNAL = "external"
+
+
+@dataclass
+class Launch:
+    """How to start a child: its command line, environment and inherited sockets."""
+
+    argv: Sequence[str]
+    env: dict[str, str]
+    pass_fds: Sequence[int] = ()
+    preexec_fn: Callable[[], None] | None = None
+
+
+@dataclass
+class Child:
+    """A child process the supervisor keeps running.
+
+    ``launch`` is called for every (re)start, so a restarted child gets the same
+    inherited sockets and the topology as it is at that moment.
+    """
+
+    name: str
+    role: str
+    group: int | None
+    listen: list[Address]
+    admin: Address | None
+    launch: Callable[[], Launch]
+    ready_check: tuple[Address, str]
+    settings: SupervisorConfig
+    on_fatal: Callable[[Child, str], None]
+    on_restart: Callable[[Child], None]
+    state: State = State.STOPPED
+    pid: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    last_exit: str | None = None
+    _process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        """Begin supervising: spawn now, and again whenever the process dies."""
+        self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+
+    async def wait_ready(self) -> bool:
+        """Until the child is first ready (True) or supervision ended (False)."""
+        assert self._task is not None
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        return self._ready.is_set()
+
+    async def _supervise(self) -> None:
+        boot_failures = 0
+        backoff = self.settings.restart_backoff_initial
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            if await self._run_once():
+                boot_failures = 0
+            elif self._stopping.is_set():
+                break
+            else:
+                boot_failures += 1
+                if boot_failures >= self.settings.boot_failures:
+                    self.state = State.FAILED
+                    self.on_fatal(
+                        self,
+                        f"{self.name} failed {boot_failures} times in a row before "
+                        f"becoming ready (last: {self.last_exit})",
+                    )
+                    return
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - started >= self.settings.stable_after:
+                backoff = self.settings.restart_backoff_initial
+            self.state = State.BACKOFF
+            log.info("restarting %s in %.2fs", self.name, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, self.settings.restart_backoff_max)
+            if not self._stopping.is_set():
+                self.restarts += 1
+                self.on_restart(self)
+        self.state = State.STOPPED
+
+    async def _run_once(self) -> bool:
+        """Run the process until it exits; whether it became ready first."""
+        launch = self.launch()
+        self.state = State.STARTING
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *launch.argv,
+                env=launch.env,
+                pass_fds=launch.pass_fds,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only
+                preexec_fn=launch.preexec_fn,
+            )
+        except OSError as exc:
+            self.last_exit = f"could not start {launch.argv[0]!r}: {exc.strerror}"
+            log.error("%s: %s", self.name, self.last_exit)
+            return False
+        self._process, self.pid, self.started_at = process, process.pid, time.time()
+        exited = asyncio.create_task(process.wait())
+        ready = await self._await_ready(exited)
+        if ready:
+            self.state = State.READY
+            self._ready.set()
+            log.info("%s ready (pid %d)", self.name, process.pid)
+            watchdog = asyncio.create_task(self._watch_liveness(process))
+            await asyncio.wait({exited})
+            watchdog.cancel()
+        elif not exited.done():
+            log.error(
+                "%s not ready within %.1fs; killing it", self.name, self.settings.ready_timeout
+            )
+            _kill(process, signal.SIGKILL)
+            await exited
+        self.last_exit = _describe_exit(exited.result())
+        self.pid = None
+        if self._stopping.is_set():
+            log.info("%s stopped (%s)", self.name, self.last_exit)
+        else:
+            log.error("%s died: %s", self.name, self.last_exit)
+        return ready
+
+    async def _await_ready(self, exited: asyncio.Task[int]) -> bool:
+        address, path = self.ready_check
+        deadline = time.monotonic() + self.settings.ready_timeout
+        while time.monotonic() < deadline and not exited.done():
+            if self._stopping.is_set():
+                return False
+            if await probe(address, path, timeout=min(1.0, self.settings.ready_timeout)):
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), READY_POLL)
+        return False
+
+    async def _watch_liveness(self, process: asyncio.subprocess.Process) -> None:
+        """A live PID is not enough: a child that stops answering is killed and restarted."""
+        address, path = self.ready_check
+        if self.admin is not None:
+            address, path = self.admin, "/healthz"
+        failures = 0
+        while True:
+            await asyncio.sleep(LIVENESS_INTERVAL)
+            if await probe(address, path, timeout=LIVENESS_TIMEOUT):
+                failures = 0
+                continue
+            failures += 1
+            if failures >= LIVENESS_FAILURES and not self._stopping.is_set():
+                log.error("%s did not answer %s %d times; killing it", self.name, path, failures)
+                _kill(process, signal.SIGKILL)
+                return
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM, up to ``timeout`` to finish in-flight work, then SIGKILL."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.returncode is None:
+            self.state = State.STOPPING
+            _kill(process, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                log.error("%s did not stop within %.1fs; sending SIGKILL", self.name, timeout)
+                _kill(process, signal.SIGKILL)
+                await process.wait()
+        if self._task is not None:
+            await self._task
+        self.state = State.STOPPED
+
+    def status(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "group": None if self.group is None else f"proxy-{self.group}",
+            "pid": self.pid,
+            "state": str(self.state),
+            "restarts": self.restarts,
+            "listen": [str(a) for a in self.listen],
+            "admin": None if self.admin is None else str(self.admin),
+            "started_at": self.started_at,
+            "last_exit": self.last_exit,
+        }
+
+
+def _kill(process: asyncio.subprocess.Process, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def python_argv() -> list[str]:
+    """The command line that runs a built-in child (balancer, proxy, simulated server)."""
+    return [sys.executable, "-m", "app.child"]

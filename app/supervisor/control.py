@@ -1,0 +1,94 @@
+"""The supervisor's HTTP surfaces: the control socket and the Prometheus endpoint.
+
+The control socket (``control.sock``, mode 0600) serves ``GET /status`` (what
+``lbstack status`` prints), ``/metrics``, ``/healthz`` and ``/readyz``. The metrics
+endpoint (``metrics_listen``, loopback TCP) is a multi-target exporter:
+``/metrics`` is the supervisor's own, ``/metrics?target=proxy-0`` relays that
+component's admin ``/metrics``; a target is looked up in the live topology, never
+taken as a path, and one that does not answer is a 503, which Prometheus records as
+``up 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.adminclient import fetch
+
+if TYPE_CHECKING:
+    from app.supervisor.arbiter import Supervisor
+
+SCRAPE_TIMEOUT = 5.0
+
+
+def _metrics_handler(supervisor: Supervisor) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def metrics(request: web.Request) -> web.Response:
+        target = request.query.get("target")
+        if target is None or target == "supervisor":
+            return web.Response(
+                body=generate_latest(supervisor.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+        child = supervisor.children.get(target)
+        if child is None or child.admin is None:
+            known = ", ".join(
+                ["supervisor", *(n for n, c in supervisor.children.items() if c.admin is not None)]
+            )
+            return web.Response(status=404, text=f"unknown target {target!r}; known: {known}\n")
+        try:
+            status, body = await fetch(child.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return web.Response(status=503, text=f"{target} did not answer: {exc!r}\n")
+        if status != 200:
+            return web.Response(status=503, text=f"{target} answered {status}\n")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
+
+
+def _probes(app: web.Application, supervisor: Supervisor) -> None:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = all(c.state in ("ready", "external") for c in supervisor.children.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+def create_control_app(supervisor: Supervisor) -> web.Application:
+    """The control socket's app."""
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(supervisor.status())
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", _metrics_handler(supervisor))
+    _probes(app, supervisor)
+    return app
+
+
+def create_metrics_app(supervisor: Supervisor) -> web.Application:
+    """The loopback TCP endpoint Prometheus scrapes."""
+
+    async def targets(request: web.Request) -> web.Response:
+        names = ["supervisor", *(n for n, c in supervisor.children.items() if c.admin)]
+        return web.json_response(
+            [{"targets": [request.host], "labels": {"lbstack_target": n}} for n in names]
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics_handler(supervisor))
+    app.router.add_get("/targets", targets)
+    _probes(app, supervisor)
+    return app

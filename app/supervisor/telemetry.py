@@ -1,0 +1,68 @@
+"""The supervisor's own metrics: restarts, children up, servers per group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.metrics import ProcessCollector
+
+if TYPE_CHECKING:
+    from app.supervisor.arbiter import Supervisor
+    from app.supervisor.child import Child
+
+ROLE = "supervisor"
+INSTANCE = "supervisor"
+
+
+class _TopologyCollector(Collector):
+    """Derived at scrape time from the children, so it can never drift from them."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "lbstack_child_up",
+            "1 when the child is running and ready.",
+            labels=["role", "instance", "child", "child_role"],
+        )
+        servers = GaugeMetricFamily(
+            "lbstack_group_servers",
+            "Servers currently in each proxy group.",
+            labels=["role", "instance", "group"],
+        )
+        per_group: dict[str, int] = {}
+        for child in self._supervisor.children.values():
+            up.add_metric(
+                [ROLE, INSTANCE, child.name, child.role], 1.0 if child.state == "ready" else 0.0
+            )
+            if child.role == "server" and child.group is not None:
+                key = f"proxy-{child.group}"
+                per_group[key] = per_group.get(key, 0) + 1
+        for group, count in sorted(per_group.items()):
+            servers.add_metric([ROLE, INSTANCE, group], count)
+        yield up
+        yield servers
+
+
+class SupervisorMetrics:
+    """Registry of the supervisor's series."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(ProcessCollector(ROLE, INSTANCE))
+        self.registry.register(_TopologyCollector(supervisor))
+        self._restarts = Counter(
+            "lbstack_child_restarts",
+            "Children restarted after they died.",
+            ["role", "instance", "child", "child_role"],
+            registry=self.registry,
+        )
+
+    def restarted(self, child: Child) -> None:
+        self._restarts.labels(ROLE, INSTANCE, child.name, child.role).inc()
