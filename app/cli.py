@@ -19,7 +19,7 @@ from rich.table import Table
 
 from app import config as configuration
 from app.address import Address, parse_address
-from app.adminclient import fetch_json
+from app.client import fetch_json
 from app.errors import ConfigError, ControlError, LbstackError
 from app.log import setup
 from app.rundir import RunDir

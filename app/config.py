@@ -30,7 +30,7 @@ from app.address import Address, parse_address
 from app.errors import ConfigError
 
 # The routing policies app.routing registers (a test keeps the two in step).
-PolicyName = Literal["round_robin", "least_outstanding"]
+PolicyName = Literal["round_robin", "least_outstanding", "p2c_ewma"]
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # The unit is optional (seconds), so "0.05" from a command line means what 0.05 does.
@@ -123,6 +123,17 @@ class Timeouts(Model):
         description="How long an idle upstream connection stays pooled. Keep it below the "
         "upstream's client_keepalive so a pooled connection is never closed under us.",
     )
+    per_try: Duration = Field(
+        0.0,
+        description="For idempotent requests: response headers within this long, else the "
+        "try is abandoned and the request retried on another upstream; 0 means only "
+        "first_byte applies.",
+    )
+    queue: Duration = Field(
+        1.0,
+        description="Longest wait for a free upstream slot when every upstream is at "
+        "max_in_flight_per_upstream; then 503.",
+    )
 
 
 class Limits(Model):
@@ -139,14 +150,86 @@ class Limits(Model):
     max_connections_per_upstream: int = Field(
         0, ge=0, description="Pooled connections per upstream; 0 means no limit."
     )
+    max_in_flight_per_upstream: int = Field(
+        0,
+        ge=0,
+        description="Requests in flight to one upstream from this process; 0 means no limit. "
+        "When every upstream is at it, requests wait in the queue.",
+    )
+    queue_size: int = Field(
+        1024, ge=0, description="Requests that may wait for a free upstream; beyond it, 503."
+    )
+
+
+class HealthCheck(Model):
+    """Active health checks of a tier's upstreams."""
+
+    interval: Duration = Field(
+        1.0, description="Time between two checks of one upstream; 0 turns checks off."
+    )
+    timeout: Duration = Field(0.5, description="A check not answered 2xx within this fails.")
+    rise: int = Field(2, ge=1, description="Consecutive passed checks that bring an upstream in.")
+    fall: int = Field(2, ge=1, description="Consecutive failed checks that take it out.")
+
+
+class Ejection(Model):
+    """Passive ejection: taking out an upstream that fails real requests."""
+
+    consecutive_failures: int = Field(
+        5, ge=0, description="Failures in a row (connect, reset, timeout, 5xx) that eject; 0: off."
+    )
+    base_time: Duration = Field(
+        1.0, description="First ejection's length; it doubles with each ejection in a row."
+    )
+    max_time: Duration = Field(30.0, description="Longest ejection.")
+    panic_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="When fewer than this share of upstreams are in, health is ignored and "
+        "every upstream takes traffic, so ejecting too many never takes the group out.",
+    )
+
+
+class Retries(Model):
+    """When and how often a request goes to another upstream."""
+
+    attempts: int = Field(3, ge=1, description="Tries per request, the first included.")
+    budget_ratio: float = Field(
+        0.2, ge=0, le=1, description="Retries may add at most this share of requests."
+    )
+    budget_min_per_second: float = Field(
+        10.0, ge=0, description="Retries always allowed per second, whatever the ratio."
+    )
+    statuses: tuple[int, ...] = Field(
+        (502, 503, 504),
+        description="Upstream answers that an idempotent request is retried on elsewhere.",
+    )
 
 
 class TierConfig(Model):
     """One forwarding tier: the balancer or every proxy."""
 
-    policy: PolicyName = Field("round_robin", description="Routing policy.")
+    policy: PolicyName = Field("p2c_ewma", description="Routing policy.")
+    weights: dict[str, float] = Field(
+        {}, description='Routing weight per upstream name (default 1), e.g. {"server-0-2" = 2}.'
+    )
+    slow_start: Duration = Field(
+        5.0, description="New and re-admitted upstreams ramp up to full share over this long."
+    )
+    decay: Duration = Field(
+        2.0, description="Time constant of the peak-EWMA latency estimate (p2c_ewma)."
+    )
+    scrape_interval: Duration = Field(
+        1.0,
+        description="How often the upstreams' /metrics are read to fold their own load into "
+        "routing; 0 turns it off.",
+    )
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    health: HealthCheck = HealthCheck()
+    ejection: Ejection = Ejection()
+    retries: Retries = Retries()
 
 
 class Simulation(Model):
@@ -197,29 +280,31 @@ class ServerConfig(Model):
             if "{socket}" not in self.command:
                 raise PydanticCustomError(
                     "command",
-                    "kind='command' needs a command containing {socket}, found {found!r}",
+                    "command: expected a command line containing {socket} (kind='command'), "
+                    "found '{found}'",
                     {"found": self.command},
                 )
         elif self.command:
             raise PydanticCustomError(
                 "command",
-                "command is only for kind='command', found kind={kind!r}",
+                "command: expected no command unless kind='command', found kind='{kind}'",
                 {"kind": self.kind},
             )
         if self.kind == "address" and not self.addresses:
             raise PydanticCustomError(
-                "addresses", "kind='address' needs at least one address in addresses"
+                "addresses",
+                "addresses: expected at least one address (kind='address'), found none",
             )
         if self.kind != "address" and self.addresses:
             raise PydanticCustomError(
                 "addresses",
-                "addresses is only for kind='address', found kind={kind!r}",
+                "addresses: expected no addresses unless kind='address', found kind='{kind}'",
                 {"kind": self.kind},
             )
         if not self.health_path.startswith("/"):
             raise PydanticCustomError(
                 "health_path",
-                "expected a path starting with '/', found {found!r}",
+                "health_path: expected a path starting with '/', found '{found}'",
                 {"found": self.health_path},
             )
         return self
@@ -296,12 +381,34 @@ class Config(Model):
         if groups and "proxies" in data and data["proxies"] != len(groups):
             raise PydanticCustomError(
                 "groups",
-                "proxies={proxies} disagrees with the {n} [[groups]] given; drop one of them",
+                "proxies: expected the number of [[groups]] ({n}) or no proxies key, "
+                "found {proxies}",
                 {"proxies": data["proxies"], "n": len(groups)},
             )
         if groups:
             merged["proxies"] = len(groups)
         return merged
+
+    @model_validator(mode="after")
+    def _weights_name_upstreams(self) -> Config:
+        proxies = {f"proxy-{g.index}" for g in self.layouts()}
+        servers = {f"server-{g.index}-{s}" for g in self.layouts() for s in range(g.servers)}
+        for tier, known in (("balancer", proxies), ("proxy", servers)):
+            for name, weight in getattr(self, tier).weights.items():
+                if name not in known:
+                    raise PydanticCustomError(
+                        "weights",
+                        "{tier}.weights: expected an upstream of the {tier} tier "
+                        "({known}), found '{name}'",
+                        {"tier": tier, "known": ", ".join(sorted(known)), "name": name},
+                    )
+                if not weight > 0:
+                    raise PydanticCustomError(
+                        "weights",
+                        "{tier}.weights.{name}: expected a weight above 0, found {weight}",
+                        {"tier": tier, "name": name, "weight": weight},
+                    )
+        return self
 
     def group(self, index: int) -> GroupLayout:
         """The effective layout of proxy ``index``'s group."""
@@ -367,11 +474,17 @@ def _describe(errors: ValidationError, prefix: str = "") -> list[str]:
         if error["type"] == "missing":
             problems.append(f"{prefix}{path}: required field is missing")
             continue
-        found = f"a {type(found).__name__}" if isinstance(found, dict | list) else repr(found)
+        if not error["loc"] and "found" in message:
+            # A whole-model check: its message names the field and what it found.
+            problems.append(f"{prefix}{message}")
+            continue
         message = message[0].lower() + message[1:] if message else message
-        if not message.startswith("expected"):
+        if "expected" not in message:
             message = f"expected: {message}"
-        problems.append(f"{prefix}{path}: {message}; found {found}")
+        if "found" not in message:
+            shown = f"a {type(found).__name__}" if isinstance(found, dict | list) else repr(found)
+            message = f"{message}; found {shown}"
+        problems.append(f"{prefix}{path}: {message}")
     return problems
 
 

@@ -12,10 +12,12 @@ short plain-text errors the stack itself answers with (400, 408, 413, 502, 503, 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from random import Random
 from typing import Any, Final
 
@@ -27,11 +29,15 @@ from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 from yarl import URL
 
+from app import client
 from app.component import UpstreamSpec
 from app.config import TierConfig
+from app.health import HealthMonitor
 from app.log import get_logger
 from app.metrics import Metrics, UpstreamMetrics
 from app.routing import Upstream, create_policy
+from app.routing.budget import RetryBudget
+from app.scrape import Scraper
 
 log = get_logger("forwarding")
 
@@ -74,6 +80,9 @@ _PHASE_STATUS: Final = (504, 408, 504, 504, 408)
 _UPSTREAM_PHASES: Final = frozenset({_WAIT_HEADERS, _WRITE_UPSTREAM, _READ_UPSTREAM})
 # Status an exchange fails with when the client went away: nothing is sent (nginx's 499).
 _CLIENT_GONE: Final = 499
+
+# What _pick returns when every available upstream is at its in-flight limit.
+_FULL: Final = object()
 
 _REASONS: Final = {
     400: "Bad Request",
@@ -190,7 +199,10 @@ class _Link:
         self.retries: Counter = metrics.retries.labels(*labels)
         # Read at scrape time, so the hot path never takes the metric's lock.
         metrics.in_flight.labels(*labels).set_function(lambda: upstream.in_flight)
-        metrics.healthy.labels(*labels).set_function(lambda: 1.0 if upstream.available else 0.0)
+        # Really in (healthy, not ejected, not draining), not merely routable: in panic
+        # mode every upstream is routable, and a router reading this must still see how
+        # many of our upstreams are down.
+        metrics.healthy.labels(*labels).set_function(lambda: 1.0 if _is_in(upstream) else 0.0)
 
     def count(self, status: int) -> None:
         child = self._codes.get(status)
@@ -207,6 +219,10 @@ class _Link:
             labels = self._metrics.labels(self.upstream.name)
             child = self._errors[kind] = self._metrics.errors.labels(*labels, kind)
         child.inc()
+
+
+def _is_in(upstream: Upstream) -> bool:
+    return upstream.healthy and not upstream.draining and upstream.ejected_until <= time.monotonic()
 
 
 class Forwarder:
@@ -233,10 +249,28 @@ class Forwarder:
         self.edge = edge
         self.state = "starting"
         self._metrics = metrics
-        self._upstreams = tuple(Upstream(u.name, u.address, u.admin) for u in upstreams)
-        self._policy = create_policy(tier.policy, self._upstreams, rng)
+        self._upstreams = tuple(
+            Upstream(
+                u.name, u.address, u.admin, u.health_path, weight=tier.weights.get(u.name, 1.0)
+            )
+            for u in upstreams
+        )
+        self._policy = create_policy(tier.policy, self._upstreams, rng, tier=tier)
         upstream_metrics = UpstreamMetrics(metrics)
         self._links = {u: _Link(u, upstream_metrics) for u in self._upstreams}
+        self._health = HealthMonitor(self._upstreams, tier, upstream_metrics, rng=rng)
+        self._scraper = Scraper(self._upstreams, tier, upstream_metrics, rng=rng)
+        retries = tier.retries
+        self._budget = RetryBudget(retries.budget_ratio, retries.budget_min_per_second)
+        self._budget_exhausted = upstream_metrics.budget_exhausted
+        self._attempts = retries.attempts
+        self._retry_statuses = frozenset(retries.statuses)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        upstream_metrics.queue_length.set_function(lambda: len(self._waiters))
+        upstream_metrics.budget.set_function(self._budget.balance)
+        for upstream in self._upstreams:
+            labels = upstream_metrics.labels(upstream.name)
+            upstream_metrics.cost.labels(*labels).set_function(self._cost_reader(upstream))
         self._in_flight = 0
         metrics.in_flight.set_function(lambda: self._in_flight)
         self._via = f"1.1 {name}"
@@ -248,11 +282,22 @@ class Forwarder:
         self._idle = timeouts.idle
         self._max_body = limits.max_body_size
         self._max_concurrent = limits.max_concurrent
+        self._per_try = timeouts.per_try
+        self._per_upstream_limit = limits.max_in_flight_per_upstream
+        self._queue_size = limits.queue_size
+        self._queue_timeout = timeouts.queue
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def upstreams(self) -> tuple[Upstream, ...]:
         return self._upstreams
+
+    def _cost_reader(self, upstream: Upstream) -> Callable[[], float]:
+        """Reads ``upstream``'s routing cost at scrape time (0 for policies without one)."""
+        cost = getattr(self._policy, "cost", None)
+        if cost is None:
+            return lambda: 0.0
+        return lambda: float(cost(upstream, time.monotonic()))
 
     async def start(self) -> None:
         """Open one keep-alive pool per upstream (inside the running loop)."""
@@ -263,20 +308,12 @@ class Forwarder:
         client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect)
         for link in self._links.values():
             address = link.upstream.address
-            connector: aiohttp.BaseConnector
-            if address.is_unix:
-                connector = aiohttp.UnixConnector(
-                    path=address.path,
-                    keepalive_timeout=timeouts.pool_idle,
-                    limit=limits.max_connections_per_upstream,
-                )
-            else:
-                connector = aiohttp.TCPConnector(
-                    keepalive_timeout=timeouts.pool_idle,
-                    limit=limits.max_connections_per_upstream,
-                )
             link.session = aiohttp.ClientSession(
-                connector=connector,
+                connector=client.connector(
+                    address,
+                    keepalive_timeout=timeouts.pool_idle,
+                    limit=limits.max_connections_per_upstream,
+                ),
                 timeout=client_timeout,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
@@ -284,29 +321,49 @@ class Forwarder:
                 trust_env=False,
                 requote_redirect_url=False,
             )
+        await self._health.start()
+        await self._scraper.start()
         self.state = "ready"
 
     async def close(self) -> None:
         """Close every pool, once the data plane has drained its in-flight exchanges."""
         self.state = "stopped"
+        await self._scraper.close()
+        await self._health.close()
         sessions = [link.session for link in self._links.values() if link.session is not None]
         for link in self._links.values():
             link.session = None
         await asyncio.gather(*(session.close() for session in sessions))
 
     def status(self) -> dict[str, Any]:
-        """The JSON-able view ``GET /status`` serves."""
+        """The JSON-able view ``GET /status`` serves: the routing decision's every input."""
+        health = self._health.status()
+        cost = getattr(self._policy, "cost", None)
+        now = time.monotonic()
         return {
             "state": self.state,
             "in_flight": self._in_flight,
+            "queued": len(self._waiters),
             "policy": self.tier.policy,
+            "panic": self._health.in_panic,
+            "retry_budget": round(self._budget.balance(), 2),
             "upstreams": [
                 {
                     "name": u.name,
                     "address": str(u.address),
+                    "weight": u.weight,
                     "in_flight": u.in_flight,
                     "requests": u.requests,
                     "errors": u.errors,
+                    "cost": None if cost is None else round(cost(u, now), 6),
+                    "latency_ewma": round(u.ewma, 6),
+                    "reported": {
+                        "in_flight": u.reported_in_flight,
+                        "latency": round(u.reported_latency, 6),
+                        "health": u.reported_health,
+                        "age": None if u.reported_at < 0 else round(now - u.reported_at, 2),
+                    },
+                    **health.get(u.name, {}),
                     "available": u.available,
                 }
                 for u in self._upstreams
@@ -422,22 +479,31 @@ class Forwarder:
     ) -> aiohttp.ClientResponse | web.Response:
         """Send the request upstream until one answers with headers, retrying when safe.
 
-        Returns the upstream's response, or the error to answer with.
+        Safe means: the request never reached the upstream (connect failure: tried on
+        the next one, up to ``retries.attempts`` tries), or it can be sent again
+        (idempotent or bodiless, and no byte of the client's body consumed) and nothing
+        was answered yet — a lost connection, a per-try timeout, or an answer in
+        ``retries.statuses``. Those retries draw on the retry budget, so they can't
+        multiply an outage. Returns the upstream's response, or the error to answer with.
         """
         method = request.method
         has_body = request.body_exists
         idempotent = method in IDEMPOTENT_METHODS
         replayable = idempotent or not has_body
+        per_try = self._per_try if idempotent and not has_body else 0.0
+        first_byte = min(self._first_byte, per_try) if per_try else self._first_byte
         expect_continue = (
             has_body
             and request.version == HttpVersion11
             and request.headers.get("Expect", "").lower() == "100-continue"
         )
+        self._budget.deposit()
         tried: tuple[Upstream, ...] = ()
         raced = False
-        upstream = self._policy.pick()
-        if upstream is None:
-            return self._error(request, 503, request_id, "no upstream available", retry_after=True)
+        picked = await self._acquire(loop, tried)
+        if isinstance(picked, str):
+            return self._error(request, 503, request_id, picked, retry_after=True)
+        upstream = picked
         while True:
             link = self._links[upstream]
             session = link.session
@@ -447,9 +513,10 @@ class Forwarder:
             sent = loop.time()
             # Without a body the request is sent at once: only the first byte is awaited.
             # With one, the body writer moves the deadline chunk by chunk.
-            exchange.arm(sent + (self._first_byte if body is None else self._idle), _WAIT_HEADERS)
+            exchange.arm(sent + (first_byte if body is None else self._idle), _WAIT_HEADERS)
             upstream.in_flight += 1
             upstream.requests += 1
+            charged = True  # does a retry after this try draw on the budget?
             try:
                 try:
                     response = await session.request(
@@ -460,29 +527,38 @@ class Forwarder:
                         allow_redirects=False,
                     )
                 except BaseException:
-                    upstream.in_flight -= 1
+                    self._release(upstream)
                     raise
             except asyncio.CancelledError:
                 failure = exchange.absorb()
                 if not failure:
                     self._client_gone(request, request_id, "waiting for the upstream")
                     raise
-                return await self._fail_before_response(
-                    request, request_id, failure, link, exchange
-                )
+                if not (failure == 504 and per_try and exchange.phase == _WAIT_HEADERS):
+                    if failure == 504:  # the upstream's fault (counted just below)
+                        self._failed(link, loop, "")
+                    return await self._fail_before_response(
+                        request, request_id, failure, link, exchange
+                    )
+                # The per-try timeout: give up on this upstream, try another.
+                self._failed(link, loop, "timeout")
+                log.info("%s: no answer within the per-try timeout", upstream.name)
+                status, problem = 504, "upstream timed out"
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # The request never reached this upstream: another one may take it.
+                # The request never reached this upstream: another one may take it, and
+                # that costs nobody anything, so it is not charged to the budget.
                 log.info("%s: cannot connect (%s)", upstream.name, exc)
+                charged = False
                 if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                    link.error("timeout")
+                    self._failed(link, loop, "timeout")
                     status, problem = 504, "upstream connect timeout"
                 else:
-                    link.error("connect")
+                    self._failed(link, loop, "connect")
                     status, problem = 502, "upstream refused the connection"
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # Closed before any response byte: most often the keep-alive race, a
                 # pooled connection the upstream closed as we reused it.
-                link.error("reset")
+                self._failed(link, loop, "reset")
                 log.info("%s: connection lost before the response (%r)", upstream.name, exc)
                 status, problem = 502, "upstream closed the connection"
                 if not replayable or exchange.body_started:
@@ -494,19 +570,118 @@ class Forwarder:
                     link.retries.inc()
                     continue
             except aiohttp.ClientError as exc:
-                link.error("protocol")
+                self._failed(link, loop, "protocol")
                 log.info("%s: bad response (%r)", upstream.name, exc)
                 return self._error(request, 502, request_id, "invalid upstream response")
             else:
-                link.latency.observe(loop.time() - sent)
-                link.count(response.status)
-                return response
+                now = loop.time()
+                code = response.status
+                self._policy.observe(upstream, now - sent, now)
+                link.latency.observe(now - sent)
+                link.count(code)
+                if code < 500:
+                    self._health.success(upstream)
+                    return response
+                self._health.failure(upstream)
+                if not (code in self._retry_statuses and replayable and not exchange.body_started):
+                    return response
+                nxt = self._next(upstream, (*tried, upstream), charged=True)
+                if nxt is None:
+                    return response
+                # Answered with a retryable error: let another upstream answer instead.
+                log.info("%s answered %d; retrying %s elsewhere", upstream.name, code, request_id)
+                response.release()
+                self._release(upstream)
+                link.retries.inc()
+                tried, upstream = (*tried, upstream), nxt
+                continue
             tried = (*tried, upstream)
-            next_upstream = self._policy.pick(tried)
-            if next_upstream is None:
+            if not replayable and charged:
+                return self._error(request, status, request_id, problem)
+            nxt = self._next(upstream, tried, charged=charged)
+            if nxt is None:
                 return self._error(request, status, request_id, problem)
             link.retries.inc()
-            upstream = next_upstream
+            upstream = nxt
+
+    def _next(
+        self, failed: Upstream, tried: tuple[Upstream, ...], *, charged: bool
+    ) -> Upstream | None:
+        """Where a retry goes, or None: out of tries, of upstreams, or of budget."""
+        if len(tried) >= self._attempts:
+            return None
+        nxt = self._pick(tried)
+        if not isinstance(nxt, Upstream):  # none left, or all at their limit
+            return None
+        if charged and not self._budget.try_withdraw():
+            self._budget_exhausted.inc()
+            log.info("retry budget exhausted; not retrying after %s", failed.name)
+            return None
+        return nxt
+
+    def _failed(self, link: _Link, loop: asyncio.AbstractEventLoop, kind: str) -> None:
+        """A try failed: count it, penalise the upstream, tell the health monitor."""
+        if kind:
+            link.error(kind)
+        self._policy.observe_failure(link.upstream, loop.time())
+        self._health.failure(link.upstream)
+
+    def _pick(self, exclude: tuple[Upstream, ...]) -> Upstream | object | None:
+        """The policy's pick among upstreams with a free slot; ``_FULL`` when all are full."""
+        upstream = self._policy.pick(exclude)
+        limit = self._per_upstream_limit
+        if upstream is None or not limit or upstream.in_flight < limit:
+            return upstream
+        full = set(exclude)
+        while upstream is not None and upstream.in_flight >= limit:
+            full.add(upstream)
+            upstream = self._policy.pick(full)
+        return _FULL if upstream is None else upstream
+
+    async def _acquire(
+        self, loop: asyncio.AbstractEventLoop, exclude: tuple[Upstream, ...]
+    ) -> Upstream | str:
+        """An upstream with a free slot, waiting in the queue if all are full; or why not."""
+        picked = self._pick(exclude)
+        if picked is None:
+            return "no upstream available"
+        if picked is not _FULL:
+            assert isinstance(picked, Upstream)
+            return picked
+        if len(self._waiters) >= self._queue_size:
+            return "every upstream is at its limit and the queue is full"
+        deadline = loop.time() + self._queue_timeout
+        while picked is _FULL:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return "no upstream slot freed up in time"
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter
+            except TimeoutError:
+                return "no upstream slot freed up in time"
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            picked = self._pick(exclude)
+        if picked is None:
+            return "no upstream available"
+        assert isinstance(picked, Upstream)
+        return picked
+
+    def _release(self, upstream: Upstream) -> None:
+        """A request to ``upstream`` is over: free its slot for the first waiter."""
+        upstream.in_flight -= 1
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     async def _fail_before_response(
         self,
@@ -593,7 +768,7 @@ class Forwarder:
             # The whole body came with the headers, as small responses do: answer with
             # one write of headers and body instead of streaming.
             body = content.read_nowait()
-            upstream.in_flight -= 1
+            self._release(upstream)
             upstream_response.release()
             return web.Response(
                 status=upstream_response.status,
@@ -646,7 +821,7 @@ class Forwarder:
                 log.info("%s: response broken off (%r); aborted %s", upstream.name, exc, request_id)
                 self._abort(request, response)
         finally:
-            upstream.in_flight -= 1
+            self._release(upstream)
             upstream_response.release()
         return response
 

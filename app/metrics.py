@@ -157,6 +157,49 @@ class UpstreamMetrics:
             UPSTREAM,
             registry=registry,
         )
+        self.ejections = Counter(
+            "lbstack_upstream_ejections",
+            "Times each upstream was taken out after consecutive failed requests.",
+            UPSTREAM,
+            registry=registry,
+        )
+        self.panic = Gauge(
+            "lbstack_panic_mode",
+            "1 while too few upstreams are healthy, so health is ignored and all take traffic.",
+            BASE,
+            registry=registry,
+        ).labels(*self._base)
+        self.scrape_errors = Counter(
+            "lbstack_scrape_errors",
+            "Failed reads of each upstream's /metrics (the routing feedback).",
+            UPSTREAM,
+            registry=registry,
+        )
+
+        self.cost = Gauge(
+            "lbstack_upstream_cost",
+            "Routing cost of each upstream now (p2c_ewma: latency × load / weight); lower wins.",
+            UPSTREAM,
+            registry=registry,
+        )
+        self.queue_length = Gauge(
+            "lbstack_queue_length",
+            "Requests waiting for a free upstream slot (every upstream at its limit).",
+            BASE,
+            registry=registry,
+        ).labels(*self._base)
+        self.budget = Gauge(
+            "lbstack_retry_budget",
+            "Retries the retry budget would allow now.",
+            BASE,
+            registry=registry,
+        ).labels(*self._base)
+        self.budget_exhausted = Counter(
+            "lbstack_retry_budget_exhausted",
+            "Retries refused because the retry budget was spent.",
+            BASE,
+            registry=registry,
+        ).labels(*self._base)
 
     def labels(self, upstream: str) -> tuple[str, str, str]:
         return (*self._base, upstream)

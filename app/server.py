@@ -72,11 +72,13 @@ class SimulatedServer:
         self._exit_process = exit_process
         self.in_flight = 0
         self.served = 0
+        self.received: dict[str, int] = {}  # by method, counted on arrival
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The data plane: any method, any path."""
         started = time.perf_counter()
         self.in_flight += 1
+        self.received[request.method] = self.received.get(request.method, 0) + 1
         self.metrics.in_flight.inc()
         try:
             response = await self._respond(request)
@@ -168,6 +170,7 @@ class SimulatedServer:
             "state": "hanging" if self.simulator.hanging else "ready",
             "in_flight": self.in_flight,
             "requests": self.served,
+            "received": self.received,
             "held": self.simulator.held,
             "simulation": self.simulator.current.model_dump(mode="json"),
         }

@@ -61,3 +61,16 @@ class UnixServers:
 async def unix_servers(sockdir: Path) -> AsyncIterator[UnixServers]:
     async with AsyncExitStack() as stack:
         yield UnixServers(sockdir, stack)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -16,6 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from app.address import Address
+from app.client import fetch, fetch_json
+
 READY_LINE = "lbstack up:"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -70,6 +73,20 @@ class Stack:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"{name} not {state} within {timeout}s: {component}")
             await asyncio.sleep(0.05)  # wait-ok: polling with a deadline
+
+    async def admin(self, name: str, path: str = "/status") -> dict[str, Any]:
+        """GET ``path`` on a component's admin socket (JSON)."""
+        address = Address.unix(str(self.run_dir / f"{name}.admin.sock"))
+        status, body = await fetch_json(address, path)
+        assert status == 200, body
+        return dict(body)
+
+    async def admin_text(self, name: str, path: str = "/metrics") -> str:
+        """GET ``path`` on a component's admin socket (text)."""
+        address = Address.unix(str(self.run_dir / f"{name}.admin.sock"))
+        status, body = await fetch(address, path)
+        assert status == 200, body
+        return body.decode()
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")

@@ -77,10 +77,16 @@ def test_json_round_trip_is_what_children_receive() -> None:
             {"server": {"simulation": {"error_rate": 2}}},
             "server.simulation.error_rate: expected: input should be less than or equal to 1",
         ),
-        ({"server": {"kind": "command"}}, "kind='command' needs a command containing {socket}"),
-        ({"server": {"kind": "address"}}, "kind='address' needs at least one address"),
+        (
+            {"server": {"kind": "command"}},
+            "server: command: expected a command line containing {socket}",
+        ),
+        ({"server": {"kind": "address"}}, "server: addresses: expected at least one address"),
         ({"proxy": {"limts": {}}}, "proxy.limts: unknown field"),
-        ({"proxies": 3, "groups": [{}, {}]}, "proxies=3 disagrees with the 2 [[groups]]"),
+        (
+            {"proxies": 3, "groups": [{}, {}]},
+            "proxies: expected the number of [[groups]] (2) or no proxies key, found 3",
+        ),
         ({"listen": ["unix:/" + "x" * 120]}, "longer than the 107-byte limit"),
     ],
 )

@@ -24,7 +24,8 @@ SERVERS = {f"server-{p}-{s}" for p in range(2) for s in range(3)}
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
-    async with running_stack() as running:
+    # Round robin: these tests check that every server is reachable, not routing.
+    async with running_stack("--policy", "round_robin") as running:
         yield running
 
 
@@ -36,6 +37,18 @@ async def _served_by(stack: Stack, count: int) -> Counter[str]:
                 assert response.status == 200, await response.text()
                 seen[response.headers["X-Served-By"]] += 1
     return seen
+
+
+async def _reach_all(stack: Stack, servers: set[str] = SERVERS, timeout: float = 30.0) -> None:
+    """Send requests until every one of ``servers`` has answered one (health checks may
+    keep a just-restarted upstream out for a moment)."""
+    seen: set[str] = set()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while seen != servers:
+        seen |= set(await _served_by(stack, 12))
+        assert seen <= servers
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"only {sorted(seen)} answered within {timeout}s")
 
 
 async def test_every_server_is_reached_through_the_balancer(stack: Stack) -> None:
@@ -84,8 +97,7 @@ async def test_a_killed_child_is_restarted_and_the_stack_keeps_answering(
     os.kill(before["pid"], signal.SIGKILL)
     after = await stack.wait_for(victim, not_pid=before["pid"])
     assert after["restarts"] == before["restarts"] + 1
-    seen = await _served_by(stack, 60)
-    assert set(seen) == SERVERS
+    await _reach_all(stack)
     assert "died: killed by SIGKILL" in stack.logs()
 
 
@@ -126,7 +138,7 @@ async def test_malformed_and_oversize_requests_get_4xx_and_the_balancer_keeps_se
     assert await raw(big) == b"431"
     chunked10 = b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     assert await raw(chunked10) == b"400"
-    assert set(await _served_by(stack, 12)) == SERVERS
+    await _reach_all(stack)
 
 
 async def test_status_json_has_the_contract_fields(stack: Stack) -> None:
@@ -166,7 +178,7 @@ async def test_fault_injection_through_the_cli(stack: Stack) -> None:
     assert (await cli("fault", "server-0-0", "crash", "--run-dir", run_dir)).returncode == 0
     await stack.wait_for("server-0-0", not_pid=before["pid"])
     # A restarted server starts from its configured behaviour again.
-    assert set(await _served_by(stack, 30)) == SERVERS
+    await _reach_all(stack)
 
 
 async def test_a_one_gib_upload_streams_with_bounded_memory(stack: Stack) -> None:
@@ -271,6 +283,7 @@ async def test_a_group_of_own_servers_under_gunicorn() -> None:
     gunicorn = Path(sys.executable).parent / "gunicorn"
     config = (
         "proxies = 1\nservers_per_proxy = 2\n"
+        '[proxy]\npolicy = "round_robin"\n'
         '[server]\nkind = "command"\n'
         f'command = "{gunicorn} tests.apps:app -k aiohttp.GunicornWebWorker '
         '--bind unix:{socket} --no-control-socket --workers 1"\n'

@@ -1,43 +1,56 @@
-"""Least outstanding: the available upstream with the fewest requests in flight."""
+"""Least outstanding: the available upstream with the fewest requests in flight per weight."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from random import Random
+import random
+import time
+from collections.abc import Callable, Collection, Sequence
 
+from app.config import TierConfig
 from app.routing.policy import Policy
 from app.routing.upstream import Upstream
 
 
 class LeastOutstanding(Policy):
-    """The available upstream with the fewest requests in flight from this router.
+    """The available upstream with the least ``(in_flight + 1) / effective weight``.
 
-    Ties go round robin, so idle upstreams share a light load instead of the first
-    one taking all of it.
+    ``in_flight`` is this router's own count. The ``+ 1`` (HAProxy's leastconn does the
+    same) makes weights count among idle upstreams too: a weight-2 upstream takes the
+    next request before a weight-1 one, and holds twice its in-flight share under load.
+    Ties go round robin, so idle upstreams share a light load instead of the first one
+    taking all of it.
     """
 
     name = "least_outstanding"
 
-    def __init__(self, upstreams: Sequence[Upstream], rng: Random | None = None) -> None:
-        super().__init__(upstreams, rng)
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        rng: random.Random | None = None,
+        *,
+        tier: TierConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(upstreams, rng, tier=tier, clock=clock)
         self._start = 0
 
     def pick(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
         upstreams = self.upstreams
         count = len(upstreams)
+        if count == 0:
+            return None
+        now = self.clock()
         start = self._start
         best = -1
-        best_load = 0
+        best_load = 0.0
         for offset in range(count):
             index = (start + offset) % count
             upstream = upstreams[index]
             if not upstream.available or upstream in exclude:
                 continue
-            load = upstream.in_flight
+            load = (upstream.in_flight + 1) / self.effective_weight(upstream, now)
             if best < 0 or load < best_load:
                 best, best_load = index, load
-                if load == 0:  # nothing beats an idle upstream
-                    break
         if best < 0:
             return None
         # The next scan starts past this pick, so tied upstreams take turns.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from app.address import Address
-from app.adminclient import probe
+from app.client import probe
 from app.config import SupervisorConfig
 from app.log import get_logger
 

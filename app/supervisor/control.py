@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.adminclient import fetch
+from app.client import fetch
 
 if TYPE_CHECKING:
     from app.supervisor.arbiter import Supervisor

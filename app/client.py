@@ -1,7 +1,13 @@
-"""A small HTTP client for admin and control sockets (unix or tcp)."""
+"""HTTP clients to an ``Address`` (unix or tcp): pools, sessions, one-off requests.
+
+Every client in the stack (forwarding pools, health checks, scrapes, the supervisor's
+probes, the CLI) connects through ``connector`` here, so there is one place that knows
+how a unix or tcp address becomes an aiohttp connector.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,19 +16,35 @@ import aiohttp
 from app.address import Address
 
 
-def session(address: Address, timeout: float) -> aiohttp.ClientSession:
-    """A client session bound to one admin or control address."""
-    connector: aiohttp.BaseConnector
+def connector(address: Address, **options: Any) -> aiohttp.BaseConnector:
+    """A connection pool to ``address``; ``options`` go to aiohttp's connector."""
     if address.is_unix:
-        connector = aiohttp.UnixConnector(path=address.path)
-    else:
-        connector = aiohttp.TCPConnector()
+        return aiohttp.UnixConnector(path=address.path, **options)
+    return aiohttp.TCPConnector(**options)
+
+
+def session(address: Address, timeout: float | None, **options: Any) -> aiohttp.ClientSession:
+    """A client session to ``address`` (requests take paths), no cookies, no proxies."""
     return aiohttp.ClientSession(
         base_url=address.http_base,
-        connector=connector,
+        connector=connector(address, **options),
         timeout=aiohttp.ClientTimeout(total=timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
     )
+
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait for it; re-raise if *we* are being cancelled."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 async def fetch(
