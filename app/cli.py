@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ import aiohttp
 import uvloop
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from app import config as configuration
+from app import statusview
 from app.address import Address, parse_address
 from app.client import fetch_json
 from app.errors import ConfigError, ControlError, LbstackError
@@ -55,8 +54,21 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the running stack")
     _run_dir_option(status)
+    status.add_argument(
+        "component",
+        nargs="?",
+        metavar="NAME",
+        help="a balancer or proxy: show its routing view per upstream",
+    )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.add_argument("--watch", action="store_true", help="refresh every second")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C, like top")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between the readings rates come from (default 1)",
+    )
 
     fault = commands.add_parser(
         "fault",
@@ -122,54 +134,60 @@ async def _get_status(control: Address) -> dict[str, Any]:
     return dict(body)
 
 
-def _uptime(started_at: float | None) -> str:
-    if not started_at:
-        return "-"
-    seconds = int(time.time() - started_at)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _short(address: str, run_dir: str) -> str:
-    """A listen address, with the run dir left out of socket paths under it."""
-    prefix = f"unix:{run_dir}/"
-    return address[len(prefix) :] if address.startswith(prefix) else address
-
-
-def render_status(status: dict[str, Any]) -> Table:
-    run_dir = status["run_dir"]
-    table = Table(title=f"lbstack — {run_dir}", title_justify="left")
-    for column in ("NAME", "ROLE", "GROUP", "PID", "STATE", "RESTARTS", "UPTIME", "LISTEN"):
-        table.add_column(column, no_wrap=column != "LISTEN")
-    styles = {"ready": "green", "failed": "red", "backoff": "yellow", "starting": "yellow"}
-    for c in status["components"]:
-        state = c["state"]
-        table.add_row(
-            c["name"],
-            c["role"],
-            c["group"] or "-",
-            str(c["pid"] or "-"),
-            f"[{styles.get(state, 'white')}]{state}[/]",
-            str(c["restarts"]),
-            _uptime(c.get("started_at")),
-            " ".join(c["listen"]),
-        )
-    return table
+async def _component_status(args: argparse.Namespace) -> int:
+    """``lbstack status proxy-0``: one component's own /status."""
+    status = await _get_status(_control(args))
+    named = {c["name"]: c for c in status["components"]}
+    target = named.get(args.component)
+    if target is None or not target.get("admin") or target["role"] == "supervisor":
+        known = ", ".join(n for n, c in named.items() if c.get("admin") and n != "supervisor")
+        raise ControlError(f"no component named {args.component!r}; components: {known}")
+    try:
+        code, body = await fetch_json(parse_address(target["admin"]), "/status")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(f"{args.component} did not answer: {exc!r}") from exc
+    if code != 200:
+        raise ControlError(f"{args.component} answered {code}: {body}")
+    if args.json or "upstreams" not in body:
+        print(json.dumps(body, indent=2))
+    else:
+        Console().print(statusview.render_router(body))
+    return 0
 
 
 async def _status(args: argparse.Namespace) -> int:
+    if args.component:
+        return await _component_status(args)
     control = _control(args)
     if args.json:
         print(json.dumps(await _get_status(control), indent=2))
         return 0
     console = Console()
+    status = await _get_status(control)
+    before = await statusview.read(status["components"])
     if not args.watch:
-        console.print(render_status(await _get_status(control)))
+        await asyncio.sleep(args.interval)  # rates need two readings
+        status = await _get_status(control)
+        after = await statusview.read(status["components"])
+        console.print(statusview.render(status, _loads(before, after)))
         return 0
-    with Live(console=console, auto_refresh=False) as live:
+    with Live(console=console, auto_refresh=False, screen=console.is_terminal) as live:
         while True:
-            live.update(render_status(await _get_status(control)), refresh=True)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(args.interval)
+            status = await _get_status(control)
+            after = await statusview.read(status["components"])
+            live.update(statusview.render(status, _loads(before, after)), refresh=True)
+            before = after
+
+
+def _loads(
+    before: dict[str, statusview.Reading], after: dict[str, statusview.Reading]
+) -> dict[str, statusview.Load]:
+    return {
+        name: statusview.load_between(before[name], reading)
+        for name, reading in after.items()
+        if name in before
+    }
 
 
 def parse_fault(changes: Sequence[str]) -> dict[str, Any]:

@@ -11,10 +11,19 @@ import os
 import resource
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+# No ``*_created`` series: they double what every scrape carries and nothing reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Buckets from 250 µs to 30 s: a proxy hop is sub-millisecond, a slow upstream seconds.
 LATENCY_BUCKETS = (
@@ -50,7 +59,7 @@ class ProcessCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = GaugeMetricFamily(
+        cpu = CounterMetricFamily(
             "lbstack_process_cpu_seconds", "CPU time used by the process.", labels=BASE
         )
         cpu.add_metric(self._labels, usage.ru_utime + usage.ru_stime)

@@ -169,6 +169,7 @@ class Supervisor:
     def _add(self, child: Child | None) -> None:
         if child is not None:
             self.children[child.name] = child
+            self.metrics.track(child)
 
     def _child(
         self,

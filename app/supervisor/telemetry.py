@@ -57,12 +57,27 @@ class SupervisorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ProcessCollector(ROLE, INSTANCE))
         self.registry.register(_TopologyCollector(supervisor))
+        # Every group and direction is exported from the start (at 0), so dashboards and
+        # alerts see the series before the first scale event.
+        self.scale_events = Counter(
+            "lbstack_scale_events",
+            "Servers added to or removed from each group.",
+            ["role", "instance", "group", "direction"],
+            registry=self.registry,
+        )
+        for layout in supervisor.config.layouts():
+            for direction in ("up", "down"):
+                self.scale_events.labels(ROLE, INSTANCE, layout.name, direction)
         self._restarts = Counter(
             "lbstack_child_restarts",
             "Children restarted after they died.",
             ["role", "instance", "child", "child_role"],
             registry=self.registry,
         )
+
+    def track(self, child: Child) -> None:
+        """Export the child's restart count (0) from the start."""
+        self._restarts.labels(ROLE, INSTANCE, child.name, child.role)
 
     def restarted(self, child: Child) -> None:
         self._restarts.labels(ROLE, INSTANCE, child.name, child.role).inc()

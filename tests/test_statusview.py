@@ -1,0 +1,92 @@
+"""The live status view: readings, rates, quantiles and the tree it renders."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from rich.console import Console
+
+from app.metrics import Metrics
+from app.statusview import Load, Reading, histogram_quantile, load_between, render
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = {0.1: 50.0, 0.2: 90.0, 0.5: 100.0, math.inf: 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.9, buckets) == pytest.approx(0.2)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.47)
+    assert histogram_quantile(0.99, {}) is None
+    assert histogram_quantile(0.99, {1.0: 0.0, math.inf: 0.0}) is None
+    # Everything beyond the last finite bucket: its bound is the best answer.
+    assert histogram_quantile(0.99, {0.1: 0.0, math.inf: 10.0}) == pytest.approx(0.1)
+
+
+def test_a_reading_from_real_metrics_and_the_load_between_two() -> None:
+    metrics = Metrics("proxy", "proxy-0")
+    before = Reading.parse(generate_latest(metrics.registry).decode(), at=10.0)
+    for _ in range(98):
+        metrics.count(200)
+        metrics.latency.observe(0.004)
+    for _ in range(2):
+        metrics.count(502)
+        metrics.latency.observe(0.4)
+    metrics.in_flight.set(3)
+    after = Reading.parse(generate_latest(metrics.registry).decode(), at=12.0)
+    load = load_between(before, after)
+    assert load.rps == pytest.approx(50.0)
+    assert load.error_ratio == pytest.approx(0.02)
+    assert load.in_flight == 3
+    assert load.p99 is not None and 0.25 < load.p99 <= 0.5
+
+
+def _status() -> dict[str, Any]:
+    def component(name: str, role: str, group: str | None = None) -> dict[str, Any]:
+        return {
+            "name": name,
+            "role": role,
+            "group": group,
+            "pid": 1,
+            "state": "ready",
+            "restarts": 0,
+            "admin": f"unix:/r/{name}.admin.sock",
+        }
+
+    return {
+        "run_dir": "/r",
+        "components": [
+            component("supervisor", "supervisor"),
+            *(component(f"server-0-{s}", "server", "proxy-0") for s in range(2)),
+            component("proxy-0", "proxy", "proxy-0"),
+            component("proxy-1", "proxy", "proxy-1"),
+            component("balancer-0", "balancer"),
+        ],
+    }
+
+
+def test_the_tree_shows_every_component_with_its_load_and_share() -> None:
+    loads = {
+        "balancer-0": Load(100.0, 0.0, 0.004, 2),
+        "proxy-0": Load(75.0, 0.0, 0.003, 1),
+        "proxy-1": Load(25.0, 0.1, None, 0),
+        "server-0-0": Load(60.0, 0.0, 0.001, 1),
+        "server-0-1": Load(15.0, 0.0, 0.002, 0),
+    }
+    out = io.StringIO()
+    Console(file=out, width=120, force_terminal=False).print(render(_status(), loads))
+    lines = out.getvalue().splitlines()
+    names = [line.split()[0] for line in lines[2:]]
+    assert names == ["supervisor", "├─", "├─", "│", "│", "└─"]
+    text = out.getvalue()
+    for expected in ("balancer-0", "proxy-0", "├─ server-0-0", "└─ server-0-1", "4.0ms"):
+        assert expected in text
+    proxy0 = next(line for line in lines if "proxy-0" in line)
+    assert proxy0.rstrip().endswith("75%")
+    server00 = next(line for line in lines if "server-0-0" in line)
+    assert server00.rstrip().endswith("80%")
+    proxy1 = next(line for line in lines if "proxy-1" in line)
+    assert "10.0" in proxy1  # error %
+    assert "\x1b[" not in text  # plain text when not a terminal
