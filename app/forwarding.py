@@ -22,7 +22,9 @@ from random import Random
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.client_reqrep import ClientRequest, ClientResponse
+from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
@@ -58,10 +60,20 @@ HOP_BY_HOP: Final = frozenset(
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # What aiohttp's client would add to a request by itself; the request goes as received.
 _SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+# aiohttp's client defaults for reading a response (ClientSession's own).
+_READ_BUFSIZE: Final = 2**16
+_MAX_LINE_SIZE: Final = 8190
+_MAX_HEADERS: Final = 128
+# Methods whose response has no body whatever its headers say.
+_NO_BODY_METHODS: Final = frozenset({"HEAD"})
+# Shared by every upstream request: no traces, no total timeout (the exchange's
+# watchdog bounds it). Neither is ever mutated.
+_NO_TRACES: Final[list[Any]] = []
+_NO_TIMER: Final = TimerNoop()
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # How the request-header pass treats a (lower-case) name; absent names are copied.
-_DROP, _CONNECTION, _TRANSFER_ENCODING, _XFF, _XFP, _VIA, _REQUEST_ID, _EXPECT = range(8)
+_DROP, _CONNECTION, _TRANSFER_ENCODING, _XFF, _XFP, _VIA, _REQUEST_ID, _EXPECT, _HOST = range(9)
 _REQUEST_SPECIAL: Final = {
     **dict.fromkeys(HOP_BY_HOP, _DROP),
     "connection": _CONNECTION,
@@ -72,6 +84,7 @@ _REQUEST_SPECIAL: Final = {
     "x-request-id": _REQUEST_ID,
     # Answered here (100 Continue) rather than relayed: see Forwarder._body.
     "expect": _EXPECT,
+    "host": _HOST,
 }
 
 # What an exchange waits on; when it waits too long, the status it answers with.
@@ -96,6 +109,33 @@ _REASONS: Final = {
 
 class _BodyAborted(Exception):
     """Raised into aiohttp's body writer so the upstream never sees a complete body."""
+
+
+class _UpstreamRequest(ClientRequest):
+    """aiohttp's client request for headers we built: taken as they are, none added.
+
+    The stock request copies the headers into a new ``CIMultiDict`` header by header
+    and merges its skip list into another one, on every request. Ours are already the
+    exact headers to send, Host included when the client sent one, and nothing is
+    ever added automatically (Content-Type is the one ``send`` would still add).
+    """
+
+    _skip_auto_headers = CIMultiDict({hdrs.CONTENT_TYPE: None})
+
+    def update_headers(self, headers: Any) -> None:
+        if hdrs.HOST in headers:
+            self.headers = headers
+            return
+        # No Host from the client (HTTP/1.0): the upstream's, first, as aiohttp puts it.
+        own: CIMultiDict[str] = CIMultiDict()
+        host = self.url.host_port_subcomponent
+        assert host is not None
+        own[hdrs.HOST] = host
+        own.extend(headers)
+        self.headers = own
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        return
 
 
 class _Exchange:
@@ -287,6 +327,7 @@ class Forwarder:
         self._queue_size = limits.queue_size
         self._queue_timeout = timeouts.queue
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._client_timeout = aiohttp.ClientTimeout(total=None, connect=tier.timeouts.connect)
 
     @property
     def upstreams(self) -> tuple[Upstream, ...]:
@@ -305,7 +346,7 @@ class Forwarder:
         timeouts, limits = self.tier.timeouts, self.tier.limits
         # connect bounds waiting for a pooled slot and connecting; the exchange's own
         # watchdog bounds the rest, so aiohttp's read timeout stays off.
-        client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect)
+        client_timeout = self._client_timeout
         for link in self._links.values():
             address = link.upstream.address
             link.session = aiohttp.ClientSession(
@@ -402,16 +443,25 @@ class Forwarder:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
 
-    def _upstream_headers(self, request: web.BaseRequest) -> tuple[CIMultiDict[str], str, str]:
-        """The headers to send upstream, the request id, and a problem (400) or ""."""
-        headers: CIMultiDict[str] = CIMultiDict()
+    def _upstream_headers(self, request: web.BaseRequest) -> tuple[list[tuple[str, str]], str, str]:
+        """The headers to send upstream, the request id, and a problem (400) or "".
+
+        One pass over the request's headers into a plain list; each try builds its
+        ``CIMultiDict`` from it in one go. Host goes first, the last one sent winning,
+        as aiohttp's client would send it.
+        """
+        headers: list[tuple[str, str]] = []
+        add = headers.append
+        host: tuple[str, str] | None = None
         connection = forwarded_for = via = request_id = problem = ""
         forwarded_proto = "http" if self.edge else ""
         special = _REQUEST_SPECIAL
         for name, value in request.headers.items():
             kind = special.get(name.lower())
             if kind is None:
-                headers.add(name, value)
+                add((name, value))
+            elif kind == _HOST:
+                host = (name, value)
             elif kind == _XFF:
                 forwarded_for = f"{forwarded_for}, {value}" if forwarded_for else value
             elif kind == _VIA:
@@ -427,24 +477,30 @@ class Forwarder:
                 # RFC 9112 6.1: framing an HTTP/1.0 server can't trust; aiohttp accepts it.
                 problem = "Transfer-Encoding in an HTTP/1.0 request"
             elif kind == _EXPECT and value.lower() != "100-continue":
-                headers.add(name, value)
+                add((name, value))
         if connection:
-            for token in connection.split(","):
-                if token := token.strip():
-                    headers.popall(token, None)
+            named = {token for t in connection.split(",") if (token := t.strip().lower())}
+            headers = [pair for pair in headers if pair[0].lower() not in named]
+            if host is not None and "host" in named:
+                host = None
+        if host is not None:
+            headers.insert(0, host)
         client = request.remote or "unix"  # a unix socket's peer has no address
-        headers["X-Forwarded-For"] = f"{forwarded_for}, {client}" if forwarded_for else client
+        headers.append(
+            ("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client)
+        )
         if forwarded_proto:
-            headers["X-Forwarded-Proto"] = forwarded_proto
-        headers["Via"] = f"{via}, {self._via}" if via else self._via
-        headers["X-Request-Id"] = request_id = request_id or self._new_id()
+            headers.append(("X-Forwarded-Proto", forwarded_proto))
+        headers.append(("Via", f"{via}, {self._via}" if via else self._via))
+        request_id = request_id or self._new_id()
+        headers.append(("X-Request-Id", request_id))
         return headers, request_id, problem
 
     async def _forward(
         self,
         request: web.BaseRequest,
         loop: asyncio.AbstractEventLoop,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         request_id: str,
     ) -> web.StreamResponse:
         target = request.raw_path
@@ -472,7 +528,7 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         loop: asyncio.AbstractEventLoop,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         request_id: str,
         target: str,
         exchange: _Exchange,
@@ -500,14 +556,14 @@ class Forwarder:
         self._budget.deposit()
         tried: tuple[Upstream, ...] = ()
         raced = False
-        picked = await self._acquire(loop, tried)
+        picked = self._pick(tried)
+        if not isinstance(picked, Upstream):  # none available, or all at their limit
+            picked = await self._acquire(loop, tried)
         if isinstance(picked, str):
             return self._error(request, 503, request_id, picked, retry_after=True)
         upstream = picked
         while True:
             link = self._links[upstream]
-            session = link.session
-            assert session is not None
             exchange.link = link
             body = self._body(request, exchange, expect_continue) if has_body else None
             sent = loop.time()
@@ -519,12 +575,8 @@ class Forwarder:
             charged = True  # does a retry after this try draw on the budget?
             try:
                 try:
-                    response = await session.request(
-                        method,
-                        URL(link.base + target, encoded=True),
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
+                    response = await self._send(
+                        link, loop, method, URL(link.base + target, encoded=True), headers, body
                     )
                 except BaseException:
                     self._release(upstream)
@@ -603,6 +655,95 @@ class Forwarder:
                 return self._error(request, status, request_id, problem)
             link.retries.inc()
             upstream = nxt
+
+    async def _send(
+        self,
+        link: _Link,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        url: URL,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+    ) -> ClientResponse:
+        """One try through ``link``'s pool: what ``ClientSession.request`` does for us.
+
+        The session's general path (cookies, auth, proxies, redirects, traces, a total
+        timeout, its header merging) costs more than the rest of a hop; this is its
+        core, the same calls in the same order. Like aiohttp, a pooled connection lost
+        before the answer is retried once on another connection for an idempotent
+        method whose body was not consumed, as the keep-alive race needs.
+        """
+        session = link.session
+        assert session is not None
+        connector = session.connector
+        assert connector is not None
+        data: Any = body
+        retry = method in IDEMPOTENT_METHODS
+        while True:
+            request = _UpstreamRequest(
+                method,
+                url,
+                headers=CIMultiDict(headers),
+                data=data,
+                loop=loop,
+                timer=_NO_TIMER,
+                session=session,
+                traces=_NO_TRACES,
+            )
+            try:
+                try:
+                    conn = await connector.connect(
+                        request, traces=_NO_TRACES, timeout=self._client_timeout
+                    )
+                except TimeoutError as exc:
+                    raise aiohttp.ConnectionTimeoutError(
+                        f"Connection timeout to host {url}"
+                    ) from exc
+                protocol = conn.protocol
+                assert protocol is not None
+                protocol.set_response_params(
+                    timer=_NO_TIMER,
+                    skip_payload=method in _NO_BODY_METHODS,
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_timeout=None,
+                    read_bufsize=_READ_BUFSIZE,
+                    timeout_ceil_threshold=connector._timeout_ceil_threshold,
+                    max_line_size=_MAX_LINE_SIZE,
+                    max_field_size=_MAX_LINE_SIZE,
+                    max_headers=_MAX_HEADERS,
+                )
+                try:
+                    response = await request.send(conn)
+                    try:
+                        await response.start(conn)
+                    except BaseException:
+                        response.close()
+                        raise
+                except BaseException:
+                    conn.close()
+                    raise
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError):
+                raise
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if not retry:
+                    raise
+                retry = False
+                if data is not None:
+                    await request.close()
+                    if request._body is not None and request._body.consumed:
+                        raise
+                    data = request._body
+                continue
+            except aiohttp.ClientError:
+                raise
+            except OSError as exc:
+                if exc.errno is None and isinstance(exc, TimeoutError):
+                    raise
+                raise aiohttp.ClientOSError(*exc.args) from exc
+            if request._body is not None:
+                await request._body.close()
+            return response
 
     def _next(
         self, failed: Upstream, tried: tuple[Upstream, ...], *, charged: bool
