@@ -7,6 +7,13 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test check lint types bench clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing python3-venv (Debian's python3 ships without ensurepip)"; \
+	    apt-get update -qq && apt-get install -y -qq python3-venv; \
+	  else \
+	    echo "python3 cannot create a venv: run 'sudo apt-get install python3-venv'" >&2; exit 1; \
+	  fi; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -225,6 +225,11 @@ class TierConfig(Model):
         description="How often the upstreams' /metrics are read to fold their own load into "
         "routing; 0 turns it off.",
     )
+    access_log: str = Field(
+        "",
+        description="JSON-lines access log: a file path ({name} becomes the component's "
+        'name), "-" for stderr, or "" for none.',
+    )
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     health: HealthCheck = HealthCheck()

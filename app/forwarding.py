@@ -32,6 +32,7 @@ from prometheus_client import Counter, Histogram
 from yarl import URL
 
 from app import client
+from app.accesslog import AccessLog
 from app.component import UpstreamSpec
 from app.config import TierConfig
 from app.health import HealthMonitor
@@ -152,6 +153,7 @@ class _Exchange:
         "_loop",
         "_open",
         "_task",
+        "attempts",
         "body_started",
         "deadline",
         "failure",
@@ -169,6 +171,7 @@ class _Exchange:
         self.phase = _WAIT_HEADERS
         self.failure = 0
         self.body_started = False
+        self.attempts = 0
         self.responding = False
         self.link: _Link | None = None
 
@@ -328,6 +331,7 @@ class Forwarder:
         self._queue_timeout = timeouts.queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client_timeout = aiohttp.ClientTimeout(total=None, connect=tier.timeouts.connect)
+        self._access_log: AccessLog | None = None
 
     @property
     def upstreams(self) -> tuple[Upstream, ...]:
@@ -362,6 +366,8 @@ class Forwarder:
                 trust_env=False,
                 requote_redirect_url=False,
             )
+        if self.tier.access_log:
+            self._access_log = AccessLog(self.tier.access_log, self.name)
         await self._health.start()
         await self._scraper.start()
         self.state = "ready"
@@ -371,6 +377,9 @@ class Forwarder:
         self.state = "stopped"
         await self._scraper.close()
         await self._health.close()
+        if self._access_log is not None:
+            self._access_log.close()
+            self._access_log = None
         sessions = [link.session for link in self._links.values() if link.session is not None]
         for link in self._links.values():
             link.session = None
@@ -431,11 +440,39 @@ class Forwarder:
         elif self.state != "ready":
             response = self._error(request, 503, request_id, "not ready", retry_after=True)
         else:
+            task = asyncio.current_task()
+            assert task is not None
+            exchange = _Exchange(loop, task)
             self._in_flight += 1
             try:
-                response = await self._forward(request, loop, headers, request_id)
+                response = await self._forward(request, loop, headers, request_id, exchange)
             finally:
                 self._in_flight -= 1
+                exchange.close()
+            if self._access_log is not None:
+                link = exchange.link
+                self._access_log.write(
+                    request_id,
+                    request.method,
+                    request.raw_path,
+                    response.status,
+                    "" if link is None else link.upstream.name,
+                    exchange.attempts,
+                    loop.time() - started,
+                )
+            metrics.count(response.status)
+            metrics.latency.observe(loop.time() - started)
+            return response
+        if self._access_log is not None:
+            self._access_log.write(
+                request_id,
+                request.method,
+                request.raw_path,
+                response.status,
+                "",
+                0,
+                loop.time() - started,
+            )
         metrics.count(response.status)
         metrics.latency.observe(loop.time() - started)
         return response
@@ -502,6 +539,7 @@ class Forwarder:
         loop: asyncio.AbstractEventLoop,
         headers: list[tuple[str, str]],
         request_id: str,
+        exchange: _Exchange,
     ) -> web.StreamResponse:
         target = request.raw_path
         if not target.startswith("/"):
@@ -511,18 +549,10 @@ class Forwarder:
             if not url.absolute or not url.raw_path.startswith("/"):
                 return self._error(request, 400, request_id, "unsupported request target")
             target = url.raw_path_qs
-        task = asyncio.current_task()
-        assert task is not None
-        exchange = _Exchange(loop, task)
-        try:
-            upstream_response = await self._open(
-                request, loop, headers, request_id, target, exchange
-            )
-            if isinstance(upstream_response, web.StreamResponse):
-                return upstream_response
-            return await self._relay(request, loop, upstream_response, request_id, exchange)
-        finally:
-            exchange.close()
+        upstream_response = await self._open(request, loop, headers, request_id, target, exchange)
+        if isinstance(upstream_response, web.StreamResponse):
+            return upstream_response
+        return await self._relay(request, loop, upstream_response, request_id, exchange)
 
     async def _open(
         self,
@@ -572,6 +602,7 @@ class Forwarder:
             exchange.arm(sent + (first_byte if body is None else self._idle), _WAIT_HEADERS)
             upstream.in_flight += 1
             upstream.requests += 1
+            exchange.attempts += 1
             charged = True  # does a retry after this try draw on the budget?
             try:
                 try:

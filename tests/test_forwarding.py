@@ -61,6 +61,7 @@ class MakeFront(Protocol):
         policy: str = "round_robin",
         timeouts: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
+        access_log: str = "",
     ) -> Front: ...
 
 
@@ -73,9 +74,15 @@ def make_front(unix_servers: UnixServers) -> MakeFront:
         policy: str = "round_robin",
         timeouts: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
+        access_log: str = "",
     ) -> Front:
         tier = TierConfig.model_validate(
-            {"policy": policy, "timeouts": timeouts or {}, "limits": limits or {}}
+            {
+                "policy": policy,
+                "timeouts": timeouts or {},
+                "limits": limits or {},
+                "access_log": access_log,
+            }
         )
         name = "balancer-0" if edge else "proxy-0"
         metrics = Metrics("balancer" if edge else "proxy", name)
@@ -907,3 +914,33 @@ def test_limits_and_timeouts_defaults_are_sane() -> None:
     # before a server's keep-alive would close it under us.
     assert Timeouts().pool_idle < Config().server.keepalive
     assert Limits().max_body_size == 0
+
+
+async def test_the_access_log_has_one_json_line_per_request(
+    sockdir: Path, unix_servers: UnixServers, make_front: MakeFront
+) -> None:
+    good = await serve_upstream(unix_servers, "server-0-1", echo)
+    log_path = sockdir / "{name}.jsonl"
+    front = await make_front(
+        [refusing_upstream(sockdir, "server-0-0"), good],
+        access_log=str(log_path),
+        limits={"max_body_size": 10},
+    )
+    async with front.client.get(front.url("/a?b=1"), headers={"X-Request-Id": "r-1"}) as response:
+        assert response.status == 200
+    async with front.client.post(front.url("/big"), data=b"x" * 100) as response:
+        assert response.status == 413
+    await front.forwarder.close()  # flushes
+    lines = [json.loads(line) for line in (sockdir / "proxy-0.jsonl").read_text().splitlines()]
+    assert [(e["method"], e["path"], e["status"]) for e in lines] == [
+        ("GET", "/a?b=1", 200),
+        ("POST", "/big", 413),
+    ]
+    first = lines[0]
+    assert (first["request_id"], first["instance"], first["upstream"]) == (
+        "r-1",
+        "proxy-0",
+        "server-0-1",
+    )
+    assert first["attempts"] in (1, 2)  # round robin may try the refusing one first
+    assert first["duration"] >= 0 and lines[1]["upstream"] == ""
