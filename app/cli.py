@@ -84,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE|ACTION",
         help="latency=50ms error_rate=0.2 cpu=2ms ... or hang, crash, clear",
     )
+
+    scale = commands.add_parser("scale", help="grow or shrink a server group now")
+    _run_dir_option(scale)
+    scale.add_argument("group", help="the group, by its proxy's name, e.g. proxy-0")
+    scale.add_argument("servers", type=int, help="how many servers it should have")
+    for verb, text in (
+        ("drain", "send a server or proxy no new requests"),
+        ("undrain", "let a drained server or proxy take requests again"),
+    ):
+        command = commands.add_parser(verb, help=text)
+        _run_dir_option(command)
+        command.add_argument("name", help="e.g. server-0-2 or proxy-1")
     return parser
 
 
@@ -230,6 +242,23 @@ async def _fault(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _membership(args: argparse.Namespace) -> int:
+    """``lbstack scale``, ``drain`` and ``undrain``: one POST to the control socket."""
+    if args.command == "scale":
+        path, body = "/scale", {"group": args.group, "servers": args.servers}
+    else:
+        path, body = f"/{args.command}", {"name": args.name}
+    control = _control(args)
+    try:
+        code, answer = await fetch_json(control, path, method="POST", body=body, timeout=120.0)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
+    if code != 200:
+        raise ControlError(answer.get("error", answer) if isinstance(answer, dict) else answer)
+    print(json.dumps(answer))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -237,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             status = cmd_up(args)
         elif args.command == "status":
             status = uvloop.run(_status(args))
-        else:
+        elif args.command == "fault":
             status = uvloop.run(_fault(args))
+        else:
+            status = uvloop.run(_membership(args))
     except LbstackError as exc:
         print(f"lbstack: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_status)

@@ -396,16 +396,20 @@ class Config(Model):
 
     @model_validator(mode="after")
     def _weights_name_upstreams(self) -> Config:
-        proxies = {f"proxy-{g.index}" for g in self.layouts()}
-        servers = {f"server-{g.index}-{s}" for g in self.layouts() for s in range(g.servers)}
-        for tier, known in (("balancer", proxies), ("proxy", servers)):
+        # Servers may be added at runtime (lbstack scale): any index of a group is valid.
+        groups = "|".join(str(g.index) for g in self.layouts())
+        tiers = (
+            ("balancer", re.compile(rf"proxy-({groups})"), f"proxy-<0..{self.proxies - 1}>"),
+            ("proxy", re.compile(rf"server-({groups})-\d+"), "server-<group>-<index>"),
+        )
+        for tier, pattern, known in tiers:
             for name, weight in getattr(self, tier).weights.items():
-                if name not in known:
+                if not pattern.fullmatch(name):
                     raise PydanticCustomError(
                         "weights",
                         "{tier}.weights: expected an upstream of the {tier} tier "
                         "({known}), found '{name}'",
-                        {"tier": tier, "known": ", ".join(sorted(known)), "name": name},
+                        {"tier": tier, "known": known, "name": name},
                     )
                 if not weight > 0:
                     raise PydanticCustomError(

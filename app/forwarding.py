@@ -6,6 +6,12 @@ upstream. It owns the data plane's rules: hop-by-hop headers, ``X-Forwarded-*``,
 ``Via`` and ``X-Request-Id``; timeouts and limits; retries that are safe; and the
 short plain-text errors the stack itself answers with (400, 408, 413, 502, 503, 504).
 
+Upstreams come and go at runtime (``add_upstream``, ``drain``, ``undrain``,
+``remove_upstream``, which the router's admin API exposes). Per-request code reads
+``_upstreams`` and the policy's tuple, which a change replaces whole, synchronously,
+never mutating a tuple a pick may be reading; a request keeps the ``_Link`` it picked,
+so one in flight to an upstream that goes finishes through it.
+
 ``create_router`` builds a balancer's or a proxy's whole ``Component`` around one.
 """
 
@@ -19,6 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from random import Random
+from time import perf_counter
 from typing import Any, Final
 
 import aiohttp
@@ -33,6 +40,8 @@ from yarl import URL
 
 from app import client
 from app.accesslog import AccessLog
+from app.address import Address
+from app.client import cancel
 from app.component import UpstreamSpec
 from app.config import TierConfig
 from app.health import HealthMonitor
@@ -58,6 +67,8 @@ HOP_BY_HOP: Final = frozenset(
         "proxy-authorization",
     }
 )
+# What lbstack_upstream_errors_total's ``kind`` label takes.
+ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol")
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # What aiohttp's client would add to a request by itself; the request goes as received.
 _SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
@@ -97,6 +108,8 @@ _CLIENT_GONE: Final = 499
 
 # What _pick returns when every available upstream is at its in-flight limit.
 _FULL: Final = object()
+# How often a removed upstream's pool checks whether its last request is over.
+_RETIRE_POLL: Final = 0.05
 
 _REASONS: Final = {
     400: "Bad Request",
@@ -224,20 +237,29 @@ class _Link:
         "_errors",
         "_metrics",
         "base",
+        "detached",
         "latency",
         "retries",
         "session",
         "upstream",
     )
 
-    def __init__(self, upstream: Upstream, metrics: UpstreamMetrics) -> None:
+    def __init__(
+        self, upstream: Upstream, metrics: UpstreamMetrics, cost: Callable[[], float]
+    ) -> None:
         self.upstream = upstream
         self.base = upstream.address.http_base
         self.session: aiohttp.ClientSession | None = None
+        # Removed: its series are gone, and requests still in flight must not bring
+        # them back (nor count into those of a newcomer of the same name).
+        self.detached = False
         labels = metrics.labels(upstream.name)
         self._metrics = metrics
         self._codes: dict[int, Counter] = {}
-        self._errors: dict[str, Counter] = {}
+        # Every kind exported at 0 from the start, so "no errors" is a 0, not no data.
+        self._errors: dict[str, Counter] = {
+            kind: metrics.errors.labels(*labels, kind) for kind in ERROR_KINDS
+        }
         self.latency: Histogram = metrics.latency.labels(*labels)
         self.retries: Counter = metrics.retries.labels(*labels)
         # Read at scrape time, so the hot path never takes the metric's lock.
@@ -246,10 +268,13 @@ class _Link:
         # mode every upstream is routable, and a router reading this must still see how
         # many of our upstreams are down.
         metrics.healthy.labels(*labels).set_function(lambda: 1.0 if _is_in(upstream) else 0.0)
+        metrics.cost.labels(*labels).set_function(cost)
 
     def count(self, status: int) -> None:
         child = self._codes.get(status)
         if child is None:
+            if self.detached:
+                return
             labels = self._metrics.labels(self.upstream.name)
             child = self._codes[status] = self._metrics.requests.labels(*labels, str(status))
         child.inc()
@@ -259,9 +284,49 @@ class _Link:
         self.upstream.errors += 1
         child = self._errors.get(kind)
         if child is None:
+            if self.detached:
+                return
             labels = self._metrics.labels(self.upstream.name)
             child = self._errors[kind] = self._metrics.errors.labels(*labels, kind)
         child.inc()
+
+    def detach(self) -> None:
+        """Remove this upstream's series, so that Prometheus stops seeing it."""
+        self.detached = True
+        metrics = self._metrics
+        labels = metrics.labels(self.upstream.name)
+        for code in self._codes:
+            metrics.requests.remove(*labels, str(code))
+        for kind in self._errors:
+            metrics.errors.remove(*labels, kind)
+        for series in (
+            metrics.latency,
+            metrics.retries,
+            metrics.in_flight,
+            metrics.healthy,
+            metrics.cost,
+        ):
+            series.remove(*labels)
+
+    def stop_pooling(self) -> None:
+        """Keep no connection alive: close the idle ones now, the others as their
+        request ends (aiohttp's ``force_close``, switched on at runtime; a request sent
+        meanwhile says ``Connection: close``). The upstream sees clean closes."""
+        connector = None if self.session is None else self.session.connector
+        if connector is None:
+            return
+        connector._force_close = True
+        idle = list(connector._conns.values())
+        connector._conns.clear()
+        for connections in idle:
+            for protocol, _ in connections:
+                protocol.close()
+
+    def resume_pooling(self) -> None:
+        """Keep connections alive again (undone ``stop_pooling``)."""
+        connector = None if self.session is None else self.session.connector
+        if connector is not None:
+            connector._force_close = False
 
 
 def _is_in(upstream: Upstream) -> bool:
@@ -292,15 +357,13 @@ class Forwarder:
         self.edge = edge
         self.state = "starting"
         self._metrics = metrics
-        self._upstreams = tuple(
-            Upstream(
-                u.name, u.address, u.admin, u.health_path, weight=tier.weights.get(u.name, 1.0)
-            )
-            for u in upstreams
-        )
+        self._upstreams = tuple(self._new_upstream(u) for u in upstreams)
         self._policy = create_policy(tier.policy, self._upstreams, rng, tier=tier)
-        upstream_metrics = UpstreamMetrics(metrics)
-        self._links = {u: _Link(u, upstream_metrics) for u in self._upstreams}
+        upstream_metrics = self._upstream_metrics = UpstreamMetrics(metrics)
+        self._links = {u: self._new_link(u) for u in self._upstreams}
+        # Pools of removed upstreams, closed once their last request is over.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.retire_timeout = tier.timeouts.first_byte + tier.timeouts.idle
         self._health = HealthMonitor(self._upstreams, tier, upstream_metrics, rng=rng)
         self._scraper = Scraper(self._upstreams, tier, upstream_metrics, rng=rng)
         retries = tier.retries
@@ -311,9 +374,6 @@ class Forwarder:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         upstream_metrics.queue_length.set_function(lambda: len(self._waiters))
         upstream_metrics.budget.set_function(self._budget.balance)
-        for upstream in self._upstreams:
-            labels = upstream_metrics.labels(upstream.name)
-            upstream_metrics.cost.labels(*labels).set_function(self._cost_reader(upstream))
         self._in_flight = 0
         metrics.in_flight.set_function(lambda: self._in_flight)
         self._via = f"1.1 {name}"
@@ -337,6 +397,31 @@ class Forwarder:
     def upstreams(self) -> tuple[Upstream, ...]:
         return self._upstreams
 
+    def _new_upstream(self, spec: UpstreamSpec) -> Upstream:
+        weight = self.tier.weights.get(spec.name, 1.0)
+        return Upstream(spec.name, spec.address, spec.admin, spec.health_path, weight=weight)
+
+    def _new_link(self, upstream: Upstream) -> _Link:
+        return _Link(upstream, self._upstream_metrics, self._cost_reader(upstream))
+
+    def _new_session(self, address: Address) -> aiohttp.ClientSession:
+        """A keep-alive pool to one upstream."""
+        # connect bounds waiting for a pooled slot and connecting; the exchange's own
+        # watchdog bounds the rest, so aiohttp's read timeout stays off.
+        return aiohttp.ClientSession(
+            connector=client.connector(
+                address,
+                keepalive_timeout=self.tier.timeouts.pool_idle,
+                limit=self.tier.limits.max_connections_per_upstream,
+            ),
+            timeout=self._client_timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            trust_env=False,
+            requote_redirect_url=False,
+        )
+
     def _cost_reader(self, upstream: Upstream) -> Callable[[], float]:
         """Reads ``upstream``'s routing cost at scrape time (0 for policies without one)."""
         cost = getattr(self._policy, "cost", None)
@@ -347,25 +432,10 @@ class Forwarder:
     async def start(self) -> None:
         """Open one keep-alive pool per upstream (inside the running loop)."""
         self._loop = asyncio.get_running_loop()
-        timeouts, limits = self.tier.timeouts, self.tier.limits
-        # connect bounds waiting for a pooled slot and connecting; the exchange's own
-        # watchdog bounds the rest, so aiohttp's read timeout stays off.
-        client_timeout = self._client_timeout
         for link in self._links.values():
-            address = link.upstream.address
-            link.session = aiohttp.ClientSession(
-                connector=client.connector(
-                    address,
-                    keepalive_timeout=timeouts.pool_idle,
-                    limit=limits.max_connections_per_upstream,
-                ),
-                timeout=client_timeout,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                trust_env=False,
-                requote_redirect_url=False,
-            )
+            link.session = self._new_session(link.upstream.address)
+            if link.upstream.draining:
+                link.stop_pooling()
         if self.tier.access_log:
             self._access_log = AccessLog(self.tier.access_log, self.name)
         await self._health.start()
@@ -380,16 +450,141 @@ class Forwarder:
         if self._access_log is not None:
             self._access_log.close()
             self._access_log = None
+        # Removed upstreams' pools: the data plane has drained, close them now.
+        await asyncio.gather(*(cancel(task) for task in list(self._retiring)))
         sessions = [link.session for link in self._links.values() if link.session is not None]
         for link in self._links.values():
             link.session = None
         await asyncio.gather(*(session.close() for session in sessions))
 
+    # -- membership: upstreams that come and go (the admin API's) -----------------------
+
+    def find(self, name: str) -> Upstream | None:
+        """The current upstream called ``name``, if any."""
+        for upstream in self._upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
+
+    def _get(self, name: str) -> Upstream:
+        upstream = self.find(name)
+        if upstream is None:
+            raise UnknownUpstream(f"no upstream {name}")
+        return upstream
+
+    def add_upstream(self, spec: UpstreamSpec) -> Upstream:
+        """Route to a new upstream from now on, with slow start.
+
+        It starts healthy, weighted as ``tier.weights`` says (1 by default), with its
+        own pool, metric series, health checks and scrapes. ``UpstreamConflict`` if
+        one of that name exists; RuntimeError once the forwarder is stopped.
+        """
+        if self.state == "stopped":
+            raise RuntimeError(f"{self.name} is stopped")
+        if self.find(spec.name) is not None:
+            raise UpstreamConflict(f"upstream {spec.name} already exists")
+        upstream = self._new_upstream(spec)
+        link = self._new_link(upstream)
+        if self._loop is not None:  # started: otherwise start() opens it
+            link.session = self._new_session(upstream.address)
+        # From here to the end, no await: requests see the old set or the whole new one.
+        self._links[upstream] = link
+        self._health.add(upstream)  # sets ramp_start: slow start
+        self._scraper.add(upstream)
+        self._upstreams = (*self._upstreams, upstream)
+        self._policy.upstreams = self._upstreams
+        self._wake(self._per_upstream_limit)
+        log.info(
+            "upstream %s added (%s, weight %g); slow start over %g s",
+            upstream.name,
+            upstream.address,
+            upstream.weight,
+            self.tier.slow_start,
+        )
+        return upstream
+
+    def drain(self, name: str) -> Upstream:
+        """Send ``name`` no new request; those in flight finish, then its pool empties.
+
+        Its idle keep-alive connections close now, the busy ones as their request
+        ends. Draining a draining upstream changes nothing.
+        """
+        upstream = self._get(name)
+        if not upstream.draining:
+            upstream.draining = True
+            self._health.refresh()
+            self._links[upstream].stop_pooling()
+            log.info("upstream %s draining (%d in flight)", name, upstream.in_flight)
+        return upstream
+
+    def undrain(self, name: str) -> Upstream:
+        """Route to ``name`` again, with slow start (once it is healthy)."""
+        upstream = self._get(name)
+        if upstream.draining:
+            self._links[upstream].resume_pooling()
+            upstream.draining = False
+            self._health.refresh()  # back in: ramp_start, slow start
+            self._wake(self._per_upstream_limit)
+        return upstream
+
+    def remove_upstream(self, name: str) -> Upstream:
+        """Forget ``name``, which must be draining (else ``UpstreamConflict``).
+
+        Requests in flight to it are not cut: they finish through its pool, which
+        closes once they are over (or after ``retire_timeout``). Its health checks,
+        scrapes and metric series stop at once.
+        """
+        upstream = self._get(name)
+        if not upstream.draining:
+            raise UpstreamConflict(f"upstream {name} is not draining: drain it first")
+        # No await until the set is consistent again.
+        self._upstreams = tuple(u for u in self._upstreams if u is not upstream)
+        self._policy.upstreams = self._upstreams
+        link = self._links.pop(upstream)
+        self._health.remove(upstream)
+        self._scraper.remove(upstream)
+        link.detach()
+        log.info("upstream %s removed (%d in flight)", name, upstream.in_flight)
+        if link.session is not None:
+            task = asyncio.create_task(self._retire(link), name=f"retire {name}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return upstream
+
+    async def _retire(self, link: _Link) -> None:
+        """Close a removed upstream's pool once its last request in flight is over."""
+        upstream = link.upstream
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retire_timeout
+        try:
+            # Polled: counting down to zero on the hot path would cost every request.
+            while upstream.in_flight > 0:
+                if loop.time() >= deadline:
+                    log.warning(
+                        "upstream %s: %d requests still in flight %g s after its removal; "
+                        "closing its connections",
+                        upstream.name,
+                        upstream.in_flight,
+                        self.retire_timeout,
+                    )
+                    break
+                await asyncio.sleep(_RETIRE_POLL)
+        finally:
+            session, link.session = link.session, None
+            if session is not None:
+                await session.close()
+
+    def _wake(self, count: int) -> None:
+        """Let up to ``count`` queued requests try again: slots were added."""
+        waiters = self._waiters
+        while waiters and count > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
     def status(self) -> dict[str, Any]:
         """The JSON-able view ``GET /status`` serves: the routing decision's every input."""
-        health = self._health.status()
-        cost = getattr(self._policy, "cost", None)
-        now = time.monotonic()
         return {
             "state": self.state,
             "in_flight": self._in_flight,
@@ -397,27 +592,37 @@ class Forwarder:
             "policy": self.tier.policy,
             "panic": self._health.in_panic,
             "retry_budget": round(self._budget.balance(), 2),
-            "upstreams": [
-                {
-                    "name": u.name,
-                    "address": str(u.address),
-                    "weight": u.weight,
-                    "in_flight": u.in_flight,
-                    "requests": u.requests,
-                    "errors": u.errors,
-                    "cost": None if cost is None else round(cost(u, now), 6),
-                    "latency_ewma": round(u.ewma, 6),
-                    "reported": {
-                        "in_flight": u.reported_in_flight,
-                        "latency": round(u.reported_latency, 6),
-                        "health": u.reported_health,
-                        "age": None if u.reported_at < 0 else round(now - u.reported_at, 2),
-                    },
-                    **health.get(u.name, {}),
-                    "available": u.available,
-                }
-                for u in self._upstreams
-            ],
+            "upstreams": self.upstream_views(),
+        }
+
+    def upstream_views(self) -> list[dict[str, Any]]:
+        """Every current upstream's view (``GET /upstreams``, ``/status``)."""
+        return [self.upstream_view(u) for u in self._upstreams]
+
+    def upstream_view(self, u: Upstream) -> dict[str, Any]:
+        """One upstream's JSON-able view: where it is, its gate, its load."""
+        cost = getattr(self._policy, "cost", None)
+        now = time.monotonic()
+        return {
+            "name": u.name,
+            "address": str(u.address),
+            "admin": None if u.admin is None else str(u.admin),
+            "weight": u.weight,
+            # The weight routing uses now: ramping up from a tenth while in slow start.
+            "effective_weight": round(self._policy.effective_weight(u, now), 6),
+            "in_flight": u.in_flight,
+            "requests": u.requests,
+            "errors": u.errors,
+            "cost": None if cost is None else round(cost(u, now), 6),
+            "latency_ewma": round(u.ewma, 6),
+            "reported": {
+                "in_flight": u.reported_in_flight,
+                "latency": round(u.reported_latency, 6),
+                "health": u.reported_health,
+                "age": None if u.reported_at < 0 else round(now - u.reported_at, 2),
+            },
+            **self._health.view(u),
+            "available": u.available,
         }
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -425,7 +630,9 @@ class Forwarder:
         loop = self._loop
         if loop is None:  # not started yet, or a handler called outside the loop
             return self._error(request, 503, self._new_id(), "not ready", retry_after=True)
-        started = loop.time()
+        # Durations come from perf_counter: uvloop's loop.time() has 1 ms resolution,
+        # too coarse for sub-millisecond hops and the latency estimate routing uses.
+        started = perf_counter()
         metrics = self._metrics
         headers, request_id, problem = self._upstream_headers(request)
         response: web.StreamResponse
@@ -458,10 +665,10 @@ class Forwarder:
                     response.status,
                     "" if link is None else link.upstream.name,
                     exchange.attempts,
-                    loop.time() - started,
+                    perf_counter() - started,
                 )
             metrics.count(response.status)
-            metrics.latency.observe(loop.time() - started)
+            metrics.latency.observe(perf_counter() - started)
             return response
         if self._access_log is not None:
             self._access_log.write(
@@ -471,10 +678,10 @@ class Forwarder:
                 response.status,
                 "",
                 0,
-                loop.time() - started,
+                perf_counter() - started,
             )
         metrics.count(response.status)
-        metrics.latency.observe(loop.time() - started)
+        metrics.latency.observe(perf_counter() - started)
         return response
 
     def _new_id(self) -> str:
@@ -596,10 +803,10 @@ class Forwarder:
             link = self._links[upstream]
             exchange.link = link
             body = self._body(request, exchange, expect_continue) if has_body else None
-            sent = loop.time()
+            sent = perf_counter()
             # Without a body the request is sent at once: only the first byte is awaited.
             # With one, the body writer moves the deadline chunk by chunk.
-            exchange.arm(sent + (first_byte if body is None else self._idle), _WAIT_HEADERS)
+            exchange.arm(loop.time() + (first_byte if body is None else self._idle), _WAIT_HEADERS)
             upstream.in_flight += 1
             upstream.requests += 1
             exchange.attempts += 1
@@ -657,10 +864,10 @@ class Forwarder:
                 log.info("%s: bad response (%r)", upstream.name, exc)
                 return self._error(request, 502, request_id, "invalid upstream response")
             else:
-                now = loop.time()
+                latency = perf_counter() - sent
                 code = response.status
-                self._policy.observe(upstream, now - sent, now)
-                link.latency.observe(now - sent)
+                self._policy.observe(upstream, latency, loop.time())
+                link.latency.observe(latency)
                 link.count(code)
                 if code < 500:
                     self._health.success(upstream)
@@ -1076,6 +1283,14 @@ class Forwarder:
             # The rest of the body is not worth reading; the connection can't be reused.
             response.force_close()
         return response
+
+
+class UnknownUpstream(LookupError):
+    """No current upstream has that name (404)."""
+
+
+class UpstreamConflict(Exception):
+    """The change conflicts with the upstream's state: it exists, or isn't draining (409)."""
 
 
 # The admin app's handle on its forwarder, for routes that act on it.

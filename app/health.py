@@ -16,6 +16,9 @@ and the fields behind it). Three inputs decide it:
 The decision logic (``record_check``, ``success``, ``failure``, ``refresh``) is
 synchronous and reads time only from the injected clock, so it can be driven without
 real time; ``start`` adds the background check loops and the re-admission timer.
+
+Upstreams come and go at runtime (``add``, ``remove``): each has its own check loop,
+session and metric series, started and stopped with it.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class HealthMonitor:
     The forwarder calls ``success(upstream)`` or ``failure(upstream)`` after every try
     (failure: connect error, reset, timeout or a 5xx answer); whoever changes
     ``Upstream.draining`` calls ``refresh()``. Everything else runs by itself between
-    ``start()`` and ``close()``.
+    ``start()`` and ``close()``; ``add`` and ``remove`` change the set at any time.
     """
 
     def __init__(
@@ -88,18 +91,14 @@ class HealthMonitor:
         self._slow_start = tier.slow_start
         self._clock = clock
         self._rng = rng or Random()
+        self._metrics = metrics
         self._panic_gauge = metrics.panic
-        self._tracks = {
-            u: _Track(
-                ejections_total=metrics.ejections.labels(*metrics.labels(u.name)),
-                was_in=self._is_in(u, clock()),
-                was_draining=u.draining,
-            )
-            for u in self._upstreams
-        }
+        self._tracks = {u: self._new_track(u) for u in self._upstreams}
         self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._checks: asyncio.Task[None] | None = None
+        self._checks: dict[Upstream, asyncio.Task[None]] = {}
+        # Check loops and sessions of removed upstreams, being stopped and closed.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._closed = False
@@ -110,13 +109,21 @@ class HealthMonitor:
     def upstreams(self) -> tuple[Upstream, ...]:
         return self._upstreams
 
+    def _new_track(self, upstream: Upstream) -> _Track:
+        metrics = self._metrics
+        return _Track(
+            ejections_total=metrics.ejections.labels(*metrics.labels(upstream.name)),
+            was_in=self._is_in(upstream, self._clock()),
+            was_draining=upstream.draining,
+        )
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the active checks (unless the interval is 0) and the re-admission timer."""
         self._loop = asyncio.get_running_loop()
-        if self._health.interval > 0 and self._upstreams:
-            self._checks = asyncio.create_task(self._run_checks(), name="health-checks")
+        for upstream in self._upstreams:
+            self._start_checks(upstream)
         self.refresh()  # arms the timer for an ejection that happened before start
 
     async def close(self) -> None:
@@ -125,11 +132,68 @@ class HealthMonitor:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        task, self._checks = self._checks, None
-        await cancel(task)
+        tasks = [*self._checks.values(), *self._retiring]
+        self._checks.clear()
+        await asyncio.gather(*(cancel(task) for task in tasks))
         sessions = list(self._sessions.values())
         self._sessions.clear()
         await asyncio.gather(*(session.close() for session in sessions))
+
+    # -- membership ----------------------------------------------------------------------
+
+    def add(self, upstream: Upstream) -> None:
+        """Watch ``upstream`` from now on; it comes in with slow start (``ramp_start``).
+
+        It starts as its fields say (a new ``Upstream`` is healthy); its check loop
+        starts at once when the monitor runs. Synchronous: the set changes atomically.
+        """
+        if upstream in self._tracks:
+            raise ValueError(f"upstream {upstream.name} is already monitored")
+        if self._closed:
+            raise RuntimeError("the health monitor is closed")
+        upstream.ramp_start = self._clock()
+        self._tracks[upstream] = self._new_track(upstream)
+        self._upstreams = (*self._upstreams, upstream)
+        if self._loop is not None:
+            self._start_checks(upstream)
+        self.refresh()
+
+    def remove(self, upstream: Upstream) -> None:
+        """Stop watching ``upstream``: its check loop stops, its session and series go.
+
+        The set changes at once (synchronously); the loop is cancelled and the session
+        closed in the background, which ``close`` waits for.
+        """
+        track = self._tracks.pop(upstream, None)
+        if track is None:
+            raise KeyError(upstream.name)
+        self._upstreams = tuple(u for u in self._upstreams if u is not upstream)
+        self._metrics.ejections.remove(*self._metrics.labels(upstream.name))
+        task = self._checks.pop(upstream, None)
+        session = self._sessions.pop(upstream, None)
+        if task is not None:
+            task.cancel()
+        if task is not None or session is not None:
+            retiring = asyncio.create_task(self._retire(task, session))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+        self.refresh()  # the panic threshold counts the upstreams left
+
+    @staticmethod
+    async def _retire(
+        task: asyncio.Task[None] | None, session: aiohttp.ClientSession | None
+    ) -> None:
+        try:
+            await cancel(task)
+        finally:
+            if session is not None:
+                await session.close()
+
+    def _start_checks(self, upstream: Upstream) -> None:
+        if self._health.interval > 0 and not self._closed:
+            self._checks[upstream] = asyncio.create_task(
+                self._check_loop(upstream), name=f"health-check {upstream.name}"
+            )
 
     # -- passive ejection (called by the forwarder) ---------------------------------------
 
@@ -146,7 +210,9 @@ class HealthMonitor:
         now = self._clock()
         if upstream.ejected_until > now:
             return  # already out: tries still landing there (panic, in flight) don't extend it
-        track = self._tracks[upstream]
+        track = self._tracks.get(upstream)
+        if track is None:
+            return  # removed while this request was in flight
         max_time = self._ejection.max_time
         if now - track.readmitted_at >= max_time:
             upstream.ejections = 0  # it stayed in long enough: a new streak starts
@@ -167,6 +233,8 @@ class HealthMonitor:
         """Probe ``upstream`` once and record the result; True when it passed."""
         if self._closed:
             raise RuntimeError("the health monitor is closed")
+        if upstream not in self._tracks:
+            raise KeyError(f"upstream {upstream.name} is not monitored")
         address, path = self.check_target(upstream)
         try:
             session = self._session(upstream, address)
@@ -188,8 +256,10 @@ class HealthMonitor:
         return upstream.address, upstream.health_path
 
     def record_check(self, upstream: Upstream, passed: bool, problem: str = "") -> None:
-        """Apply one check result with rise/fall hysteresis."""
-        track = self._tracks[upstream]
+        """Apply one check result with rise/fall hysteresis (ignored once removed)."""
+        track = self._tracks.get(upstream)
+        if track is None:
+            return
         if passed:
             track.fails = 0
             track.passes += 1
@@ -204,11 +274,6 @@ class HealthMonitor:
             if upstream.healthy and track.fails >= self._health.fall:
                 upstream.healthy = False
                 self.refresh()
-
-    async def _run_checks(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            for upstream in self._upstreams:
-                group.create_task(self._check_loop(upstream), name=f"health-check {upstream.name}")
 
     async def _check_loop(self, upstream: Upstream) -> None:
         interval = self._health.interval
@@ -342,20 +407,21 @@ class HealthMonitor:
 
     def status(self) -> dict[str, dict[str, Any]]:
         """A JSON-able view of each upstream's gate, by upstream name (for ``/status``)."""
+        return {upstream.name: self.view(upstream) for upstream in self._upstreams}
+
+    def view(self, upstream: Upstream) -> dict[str, Any]:
+        """A JSON-able view of ``upstream``'s gate (monitored or not)."""
         now = self._clock()
         return {
-            upstream.name: {
-                "healthy": upstream.healthy,
-                "available": upstream.available,
-                "draining": upstream.draining,
-                "ejected_for_seconds": round(max(upstream.ejected_until - now, 0.0), 3),
-                "ejections": upstream.ejections,
-                "consecutive_failures": upstream.consecutive_failures,
-                "slow_start_remaining_seconds": round(
-                    max(upstream.ramp_start + self._slow_start - now, 0.0), 3
-                ),
-            }
-            for upstream in self._upstreams
+            "healthy": upstream.healthy,
+            "available": upstream.available,
+            "draining": upstream.draining,
+            "ejected_for_seconds": round(max(upstream.ejected_until - now, 0.0), 3),
+            "ejections": upstream.ejections,
+            "consecutive_failures": upstream.consecutive_failures,
+            "slow_start_remaining_seconds": round(
+                max(upstream.ramp_start + self._slow_start - now, 0.0), 3
+            ),
         }
 
 

@@ -1,17 +1,47 @@
-"""The router role shared by the balancer and the proxies: a forwarder and its admin app."""
+"""The router role shared by the balancer and the proxies: a forwarder and its admin app.
+
+Besides the admin plane every child serves, a router's admin app manages its upstreams
+at runtime (JSON in and out; never on the data socket):
+
+* ``GET /upstreams``: ``{"upstreams": [view, ...]}``, the same views as ``/status``'s;
+* ``GET /upstreams/{name}``: one view; 404 when unknown;
+* ``POST /upstreams`` with ``{"name", "address", "admin"?, "health_path"?}`` (an
+  ``UpstreamSpec``): 201 and the new upstream's view, in slow start; 409 when the name
+  exists; 400 naming each bad field, what was expected and what was found;
+* ``POST /upstreams/{name}/drain``: 200, no new request goes to it, those in flight
+  finish; ``POST /upstreams/{name}/undrain``: 200, back with slow start;
+* ``DELETE /upstreams/{name}``: 200 and its last view once removed; 409 unless it is
+  draining (drain it first). Requests still in flight to it finish.
+
+Unknown names answer 404. Errors are ``{"error": "..."}`` (400s add ``"problems"``).
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
+from typing import Any, Final
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from app.admin import create_admin_app
-from app.component import ChildSpec, Component
+from app.component import ChildSpec, Component, UpstreamSpec
 from app.config import TierConfig
-from app.forwarding import FORWARDER, Forwarder
+from app.forwarding import FORWARDER, Forwarder, UnknownUpstream, UpstreamConflict
 from app.httpserver import server_options
+from app.log import get_logger
 from app.metrics import Metrics
+
+log = get_logger("router")
+
+# A name that fits in a URL path segment and a metric label as it is.
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_RULE: Final = "a name of letters, digits, '.', '_' and '-', starting with a letter or digit"
+_FIELDS: Final = tuple(UpstreamSpec.model_fields)
+
+Problem = dict[str, str]
 
 
 def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component:
@@ -28,6 +58,7 @@ def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component
         metrics, status=forwarder.status, ready=lambda: forwarder.state == "ready"
     )
     admin[FORWARDER] = forwarder
+    admin.add_routes(upstream_routes(forwarder))
     admin.cleanup_ctx.append(forwarder_ctx)
     options = server_options(
         keepalive=tier.timeouts.client_keepalive,
@@ -35,3 +66,120 @@ def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component
         max_headers=tier.limits.max_headers,
     )
     return Component(handler=forwarder.handle, admin=admin, server_options=options)
+
+
+def upstream_routes(forwarder: Forwarder) -> list[web.RouteDef]:
+    """The admin routes that list, add, drain, undrain and remove ``forwarder``'s upstreams."""
+
+    async def list_upstreams(request: web.Request) -> web.Response:
+        return web.json_response({"upstreams": forwarder.upstream_views()})
+
+    async def get_upstream(request: web.Request) -> web.Response:
+        upstream = forwarder.find(request.match_info["name"])
+        if upstream is None:
+            return _error(404, f"no upstream {request.match_info['name']}")
+        return web.json_response(forwarder.upstream_view(upstream))
+
+    async def add_upstream(request: web.Request) -> web.Response:
+        spec = _parse_spec(await request.read())
+        if isinstance(spec, list):
+            return _refused(spec)
+        try:
+            upstream = forwarder.add_upstream(spec)
+        except UpstreamConflict as exc:
+            return _error(409, str(exc))
+        except RuntimeError as exc:
+            return _error(503, str(exc))
+        return web.json_response(
+            forwarder.upstream_view(upstream),
+            status=201,
+            headers={"Location": f"/upstreams/{upstream.name}"},
+        )
+
+    async def drain(request: web.Request) -> web.Response:
+        try:
+            upstream = forwarder.drain(request.match_info["name"])
+        except UnknownUpstream as exc:
+            return _error(404, str(exc))
+        return web.json_response(forwarder.upstream_view(upstream))
+
+    async def undrain(request: web.Request) -> web.Response:
+        try:
+            upstream = forwarder.undrain(request.match_info["name"])
+        except UnknownUpstream as exc:
+            return _error(404, str(exc))
+        return web.json_response(forwarder.upstream_view(upstream))
+
+    async def remove(request: web.Request) -> web.Response:
+        try:
+            upstream = forwarder.remove_upstream(request.match_info["name"])
+        except UnknownUpstream as exc:
+            return _error(404, str(exc))
+        except UpstreamConflict as exc:
+            return _error(409, str(exc))
+        return web.json_response(forwarder.upstream_view(upstream))
+
+    return [
+        web.get("/upstreams", list_upstreams),
+        web.post("/upstreams", add_upstream),
+        web.get("/upstreams/{name}", get_upstream),
+        web.delete("/upstreams/{name}", remove),
+        web.post("/upstreams/{name}/drain", drain),
+        web.post("/upstreams/{name}/undrain", undrain),
+    ]
+
+
+def _parse_spec(body: bytes) -> UpstreamSpec | list[Problem]:
+    """The upstream a ``POST /upstreams`` body describes, or what is wrong with it."""
+    try:
+        data = json.loads(body)
+    except ValueError:  # not JSON, or not UTF-8
+        return [_problem("(body)", "a JSON object", "not JSON")]
+    if not isinstance(data, dict):
+        return [_problem("(body)", "a JSON object", _describe(data))]
+    problems = [
+        _problem(str(key), f"one of the fields {', '.join(_FIELDS)}", "an unknown field")
+        for key in data
+        if key not in _FIELDS
+    ]
+    try:
+        spec = UpstreamSpec.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"]) or "(body)"
+            if error["type"] == "missing":
+                problems.append(_problem(field, "a value (required)", "nothing"))
+                continue
+            expected = error["msg"]
+            expected = expected.removeprefix("Input should be ").removeprefix("expected ")
+            problems.append(_problem(field, expected, _describe(error.get("input"))))
+        return problems
+    if not _NAME.fullmatch(spec.name):
+        problems.append(_problem("name", _NAME_RULE, repr(spec.name)))
+    if not spec.health_path.startswith("/"):
+        problems.append(_problem("health_path", "a path starting with '/'", repr(spec.health_path)))
+    return problems or spec
+
+
+def _problem(field: str, expected: str, found: str) -> Problem:
+    return {"field": field, "expected": expected, "found": found}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return f"a {'JSON object' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+def _refused(problems: list[Problem]) -> web.Response:
+    message = "; ".join(
+        f"{p['field']}: expected {p['expected']}, found {p['found']}" for p in problems
+    )
+    log.info("refused an upstream: %s", message)
+    return web.json_response(
+        {"error": f"invalid upstream: {message}", "problems": problems}, status=400
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

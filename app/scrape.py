@@ -5,7 +5,8 @@ A ``Scraper`` reads every upstream's ``/metrics`` from its admin socket each
 policies weigh: requests in flight (queued ones included), mean latency over the last interval,
 and, for an upstream that routes itself, the share of its own upstreams that are in.
 Figures are stamped with ``reported_at``; a failed scrape leaves the stamp alone so
-the policy can let stale figures age out.
+the policy can let stale figures age out. Upstreams come and go at runtime (``add``,
+``remove``); each round scrapes the set of the moment.
 """
 
 from __future__ import annotations
@@ -122,17 +123,32 @@ class Scraper:
         self._decay = tier.decay
         self._clock = clock
         self._rng = rng or Random()
-        self._memory = {
-            u: _Memory(errors=metrics.scrape_errors.labels(*metrics.labels(u.name)))
-            for u in self._upstreams
-        }
+        self._metrics = metrics
+        self._memory = {u: self._new_memory(u) for u in self._upstreams}
         self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
         self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._closed = False
+        # Sessions of removed upstreams, being closed.
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _new_memory(self, upstream: Upstream) -> _Memory:
+        metrics = self._metrics
+        return _Memory(errors=metrics.scrape_errors.labels(*metrics.labels(upstream.name)))
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        """The upstreams scraped: those with an admin address."""
+        return self._upstreams
 
     async def start(self) -> None:
         """Start scraping in the background, unless the interval is 0."""
-        if self._interval > 0 and self._upstreams:
+        self._started = True
+        self._start_task()
+
+    def _start_task(self) -> None:
+        running = self._task is not None or self._closed
+        if self._started and not running and self._interval > 0 and self._upstreams:
             self._task = asyncio.create_task(self._run(), name="metrics-scraper")
 
     async def close(self) -> None:
@@ -140,9 +156,37 @@ class Scraper:
         self._closed = True
         task, self._task = self._task, None
         await cancel(task)
+        await asyncio.gather(*self._retiring)
         sessions = list(self._sessions.values())
         self._sessions.clear()
         await asyncio.gather(*(session.close() for session in sessions))
+
+    # -- membership ----------------------------------------------------------------------
+
+    def add(self, upstream: Upstream) -> None:
+        """Scrape ``upstream`` too from the next round (if it has an admin address)."""
+        if upstream.admin is None:
+            return
+        if upstream in self._memory:
+            raise ValueError(f"upstream {upstream.name} is already scraped")
+        self._memory[upstream] = self._new_memory(upstream)
+        self._upstreams = (*self._upstreams, upstream)
+        self._start_task()
+
+    def remove(self, upstream: Upstream) -> None:
+        """Stop scraping ``upstream``: its series goes, its session closes in the background.
+
+        A scrape of it under way when it goes is dropped, neither applied nor counted.
+        """
+        if self._memory.pop(upstream, None) is None:
+            return
+        self._upstreams = tuple(u for u in self._upstreams if u is not upstream)
+        self._metrics.scrape_errors.remove(*self._metrics.labels(upstream.name))
+        session = self._sessions.pop(upstream, None)
+        if session is not None:
+            retiring = asyncio.create_task(session.close())
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
 
     @property
     def running(self) -> bool:
@@ -151,7 +195,7 @@ class Scraper:
 
     async def scrape_once(self) -> None:
         """Scrape every upstream once, concurrently."""
-        await asyncio.gather(*(self.scrape(u) for u in self._upstreams))
+        await asyncio.gather(*(self.scrape(u) for u in self._upstreams))  # this round's set
 
     async def scrape(self, upstream: Upstream) -> bool:
         """Scrape one upstream and apply its figures; False (and counted) on failure.
@@ -160,7 +204,9 @@ class Scraper:
         """
         if self._closed:
             raise RuntimeError("the scraper is closed")
-        memory = self._memory[upstream]
+        memory = self._memory.get(upstream)
+        if memory is None:
+            return False  # removed before its turn in this round came
         try:
             report = Report.parse(await self._fetch(upstream))
         except _ScrapeError as exc:
@@ -175,11 +221,15 @@ class Scraper:
             log.exception("scraping %s crashed", upstream.name)
             problem = repr(exc)
         else:
+            if self._memory.get(upstream) is not memory:
+                return False  # removed meanwhile
             self.apply(upstream, report)
             if memory.failing:
                 memory.failing = False
                 log.info("scraping %s works again", upstream.name)
             return True
+        if self._memory.get(upstream) is not memory:
+            return False  # removed meanwhile: its session was closed under the scrape
         memory.errors.inc()
         if not memory.failing:
             memory.failing = True

@@ -38,6 +38,7 @@ from app.log import get_logger
 from app.rundir import RunDir
 from app.supervisor.child import Child, Launch, python_argv
 from app.supervisor.control import create_control_app, create_metrics_app
+from app.supervisor.scaling import Scaler, upstream_body
 from app.supervisor.telemetry import SupervisorMetrics
 
 log = get_logger("supervisor")
@@ -55,6 +56,7 @@ class Supervisor:
         self.started_at = time.time()
         self.metrics = SupervisorMetrics(self)
         self.metrics_address: Address | None = None
+        self.scaler = Scaler(self)
         self._sockets: dict[Address, socket.socket] = {}
         self._foreign_paths: list[Address] = []  # sockets our command-run servers create
         self._runners: list[web.BaseRunner] = []
@@ -294,6 +296,42 @@ class Supervisor:
 
         listen = [self.run_dir.balancer, *self.config.listen]
         return self._builtin(balancer_name(index), "balancer", None, listen, proxies)
+
+    # ---- membership at runtime (see scaling.py) --------------------------------------
+
+    def servers_in(self, group: int) -> list[Child]:
+        """Group ``group``'s server children, in index order."""
+        servers = [c for c in self.children.values() if c.role == "server" and c.group == group]
+        return sorted(servers, key=lambda c: int(c.name.rsplit("-", 1)[1]))
+
+    def add_server(self, group: int) -> Child:
+        """Bind and register (not start) the next server of ``group``."""
+        existing = self.servers_in(group)
+        index = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in existing), default=-1)
+        name = server_name(group, index)
+        self.run_dir.check_length(name)
+        child = self._plan_server(self.config.group(group), index)
+        assert child is not None  # address groups are refused before this
+        self._add(child)
+        self._write_targets()
+        return child
+
+    async def remove_server(self, child: Child) -> None:
+        """Stop a server child and release its sockets."""
+        await child.stop(self.config.supervisor.graceful_timeout + 1.0)
+        del self.children[child.name]
+        for address in (*child.listen, *([child.admin] if child.admin else [])):
+            sock = self._sockets.pop(address, None)
+            if sock is not None:
+                sock.close()
+                sockets.unlink(address)
+        self._write_targets()
+
+    def upstream_spec(self, child: Child) -> dict[str, Any]:
+        """What a router's POST /upstreams takes for ``child``."""
+        assert child.group is not None
+        health_path = self.config.group(child.group).server.health_path
+        return upstream_body(child.name, child.listen[0], child.admin, health_path)
 
     def _tiers(self) -> list[list[Child]]:
         by_role: dict[str, list[Child]] = {"server": [], "proxy": [], "balancer": []}

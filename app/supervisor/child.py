@@ -67,6 +67,7 @@ class Child:
     restarts: int = 0
     started_at: float | None = None
     last_exit: str | None = None
+    draining: bool = False  # its routers send it no new requests
     _process: asyncio.subprocess.Process | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -210,7 +211,7 @@ class Child:
             "role": self.role,
             "group": None if self.group is None else f"proxy-{self.group}",
             "pid": self.pid,
-            "state": str(self.state),
+            "state": "draining" if self.draining and self.state == State.READY else str(self.state),
             "restarts": self.restarts,
             "listen": [str(a) for a in self.listen],
             "admin": None if self.admin is None else str(self.admin),

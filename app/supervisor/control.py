@@ -12,13 +12,14 @@ taken as a path, and one that does not answer is a 503, which Prometheus records
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.client import fetch
+from app.errors import ControlError
 
 if TYPE_CHECKING:
     from app.supervisor.arbiter import Supervisor
@@ -71,11 +72,50 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(supervisor.status())
 
+    async def scale(request: web.Request) -> web.Response:
+        body = await _json_body(request, {"group": str, "servers": int})
+        return await _run(supervisor.scaler.scale(body["group"], body["servers"]))
+
+    async def drain(request: web.Request) -> web.Response:
+        body = await _json_body(request, {"name": str})
+        return await _run(supervisor.scaler.drain(body["name"]))
+
+    async def undrain(request: web.Request) -> web.Response:
+        body = await _json_body(request, {"name": str})
+        return await _run(supervisor.scaler.undrain(body["name"]))
+
     app = web.Application()
     app.router.add_get("/status", status)
+    app.router.add_post("/scale", scale)
+    app.router.add_post("/drain", drain)
+    app.router.add_post("/undrain", undrain)
     app.router.add_get("/metrics", _metrics_handler(supervisor))
     _probes(app, supervisor)
     return app
+
+
+async def _json_body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
+    """The request's JSON object with ``fields`` of the given types, or a 400."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="expected a JSON object\n")
+    for name, kind in fields.items():
+        if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
+            raise web.HTTPBadRequest(
+                text=f"{name}: expected a {kind.__name__}, found {body.get(name)!r}\n"
+            )
+    return body
+
+
+async def _run(operation: Awaitable[dict[str, Any]]) -> web.Response:
+    """The JSON answer of a membership change, or its error as a 409."""
+    try:
+        return web.json_response(await operation)
+    except ControlError as exc:
+        return web.json_response({"error": str(exc)}, status=409)
 
 
 def create_metrics_app(supervisor: Supervisor) -> web.Application:

@@ -1,0 +1,164 @@
+"""Changing a running stack's membership: scale a group, drain and undrain a component.
+
+The supervisor talks to the routers only through their admin API:
+``POST /upstreams`` adds an upstream (it ramps in with slow start),
+``POST /upstreams/{name}/drain`` and ``/undrain`` stop and resume new requests to it,
+``DELETE /upstreams/{name}`` removes a drained one, and ``GET /upstreams`` shows the
+in-flight count a drain waits on. A scale step never fails a client request: a new
+server is ready before any router knows of it, and an old one gets no new request,
+finishes the ones it has, and only then is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from app.address import Address
+from app.client import fetch_json
+from app.errors import ControlError
+from app.log import get_logger
+
+if TYPE_CHECKING:
+    from app.supervisor.arbiter import Supervisor
+    from app.supervisor.child import Child
+
+log = get_logger("supervisor")
+DRAIN_POLL = 0.1
+MAX_SERVERS = 1024
+
+
+async def _call(router: Child, method: str, path: str, body: Any = None) -> Any:
+    """One admin call to a router; a refusal or silence is a ControlError."""
+    assert router.admin is not None
+    try:
+        status, answer = await fetch_json(router.admin, path, method=method, body=body)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(f"{router.name} did not answer {method} {path}: {exc!r}") from exc
+    if status >= 400:
+        raise ControlError(f"{router.name} refused {method} {path} ({status}): {answer}")
+    return answer
+
+
+class Scaler:
+    """Membership changes of one supervisor's stack, one at a time."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+        self._lock = asyncio.Lock()
+
+    def routers_of(self, name: str) -> list[Child]:
+        """The routers that send traffic to ``name``: a server's proxy, or every balancer."""
+        children = self._supervisor.children
+        target = children.get(name)
+        if target is None or target.role not in ("server", "proxy"):
+            known = ", ".join(n for n, c in children.items() if c.role in ("server", "proxy"))
+            raise ControlError(f"no server or proxy named {name!r}; known: {known}")
+        if target.role == "proxy":
+            return [c for c in children.values() if c.role == "balancer"]
+        return [c for c in children.values() if c.role == "proxy" and c.group == target.group]
+
+    async def drain(self, name: str) -> dict[str, Any]:
+        """No new requests to ``name``; the ones in flight finish."""
+        async with self._lock:
+            for router in self.routers_of(name):
+                await _call(router, "POST", f"/upstreams/{name}/drain")
+            self._supervisor.children[name].draining = True
+            log.info("drained %s", name)
+            return {"drained": name}
+
+    async def undrain(self, name: str) -> dict[str, Any]:
+        """``name`` takes new requests again (ramping in with slow start)."""
+        async with self._lock:
+            for router in self.routers_of(name):
+                await _call(router, "POST", f"/upstreams/{name}/undrain")
+            self._supervisor.children[name].draining = False
+            log.info("undrained %s", name)
+            return {"undrained": name}
+
+    async def scale(self, group: str, servers: int) -> dict[str, Any]:
+        """Grow or shrink ``group`` (``proxy-0``) to ``servers`` servers."""
+        supervisor = self._supervisor
+        layouts = {layout.name: layout for layout in supervisor.config.layouts()}
+        layout = layouts.get(group)
+        if layout is None:
+            raise ControlError(f"no group named {group!r}; groups: {', '.join(layouts)}")
+        if layout.server.kind == "address":
+            raise ControlError(
+                f"{group}'s servers are addresses something else runs: "
+                "lbstack cannot start or stop them"
+            )
+        if not 1 <= servers <= MAX_SERVERS:
+            raise ControlError(f"expected 1 to {MAX_SERVERS} servers, found {servers}")
+        async with self._lock:
+            current = supervisor.servers_in(layout.index)
+            if servers > len(current):
+                await self._grow(layout.index, servers - len(current))
+            elif servers < len(current):
+                await self._shrink(current[servers - len(current) :])
+            now = supervisor.servers_in(layout.index)
+            log.info("%s now has %d servers: %s", group, len(now), ", ".join(c.name for c in now))
+            return {"group": group, "servers": [c.name for c in now]}
+
+    async def _grow(self, group: int, count: int) -> None:
+        supervisor = self._supervisor
+        proxy = supervisor.children[f"proxy-{group}"]
+        for _ in range(count):
+            child = supervisor.add_server(group)
+            child.start()
+            if not await child.wait_ready():
+                await supervisor.remove_server(child)
+                raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
+            await _call(proxy, "POST", "/upstreams", supervisor.upstream_spec(child))
+            supervisor.metrics.scale_events.labels(
+                "supervisor", "supervisor", f"proxy-{group}", "up"
+            ).inc()
+            log.info("added %s to proxy-%d", child.name, group)
+
+    async def _shrink(self, victims: list[Child]) -> None:
+        supervisor = self._supervisor
+        timeout = supervisor.config.supervisor.graceful_timeout
+        for child in reversed(victims):
+            proxy = supervisor.children[f"proxy-{child.group}"]
+            await _call(proxy, "POST", f"/upstreams/{child.name}/drain")
+            child.draining = True
+            await self._until_idle(proxy, child.name, timeout)
+            await _call(proxy, "DELETE", f"/upstreams/{child.name}")
+            await supervisor.remove_server(child)
+            supervisor.metrics.scale_events.labels(
+                "supervisor", "supervisor", f"proxy-{child.group}", "down"
+            ).inc()
+            log.info("removed %s from proxy-%s", child.name, child.group)
+
+    async def _until_idle(self, router: Child, name: str, timeout: float) -> None:
+        """Until ``router`` has nothing in flight to ``name``, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = await _call(router, "GET", "/upstreams")
+            in_flight = next((u["in_flight"] for u in answer["upstreams"] if u["name"] == name), 0)
+            if in_flight == 0:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s still has %d in flight after %.0fs of draining; removing it",
+                    name,
+                    in_flight,
+                    timeout,
+                )
+                return
+            await asyncio.sleep(DRAIN_POLL)
+
+
+def upstream_body(
+    name: str, address: Address, admin: Address | None, health_path: str
+) -> dict[str, Any]:
+    """The JSON a router's ``POST /upstreams`` takes."""
+    return {
+        "name": name,
+        "address": str(address),
+        "admin": None if admin is None else str(admin),
+        "health_path": health_path,
+    }

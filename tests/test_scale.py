@@ -1,0 +1,151 @@
+"""Scaling a group and draining servers by hand, on the real stack, under bounded load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+
+from app.address import Address
+from app.client import fetch
+from tests.harness import Stack, cli, running_stack
+
+# Quick slow start and checks so a new server takes traffic within a second or two.
+FAST = """
+[proxy]
+policy = "round_robin"
+slow_start = "500ms"
+[proxy.health]
+interval = "200ms"
+"""
+
+
+@asynccontextmanager
+async def steady_load(stack: Stack, workers: int = 6) -> AsyncIterator[Counter[str]]:
+    """GETs through the balancer until the block ends; counts answers by status and
+    server (``"status:server"``)."""
+    seen: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def loop(client: aiohttp.ClientSession) -> None:
+        for _ in range(50_000):  # bounded; normally ended by ``stop``
+            if stop.is_set():
+                return
+            async with client.get("/load") as response:
+                await response.read()
+                seen[f"{response.status}:{response.headers.get('X-Served-By', '-')}"] += 1
+
+    async with stack.session() as client:
+        tasks = [asyncio.create_task(loop(client)) for _ in range(workers)]
+        try:
+            yield seen
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+def _statuses(seen: Counter[str]) -> set[str]:
+    return {key.split(":")[0] for key in seen}
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)  # wait-ok: polling with a deadline
+
+
+async def _servers(stack: Stack, group: str) -> list[str]:
+    status = await stack.status()
+    return [
+        c["name"] for c in status["components"] if c["role"] == "server" and c["group"] == group
+    ]
+
+
+async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
+    async with running_stack(config=FAST) as stack, steady_load(stack) as seen:
+        run_dir = str(stack.run_dir)
+        out = await cli("scale", "proxy-0", "5", "--run-dir", run_dir, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["servers"] == [f"server-0-{i}" for i in range(5)]
+        assert await _servers(stack, "proxy-0") == [f"server-0-{i}" for i in range(5)]
+        assert (stack.run_dir / "server-0-4.sock").exists()
+
+        async def new_servers_serve() -> bool:
+            return any(key.endswith("server-0-4") for key in seen)
+
+        await _until(new_servers_serve, "server-0-4 to take traffic")
+        targets = {
+            g["labels"]["lbstack_target"]
+            for g in json.loads((stack.run_dir / "targets.json").read_text())
+        }
+        assert "server-0-4" in targets
+
+        out = await cli("scale", "proxy-0", "2", "--run-dir", run_dir, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert await _servers(stack, "proxy-0") == ["server-0-0", "server-0-1"]
+        assert not (stack.run_dir / "server-0-2.sock").exists()
+        proxy = await stack.admin("proxy-0")
+        assert [u["name"] for u in proxy["upstreams"]] == ["server-0-0", "server-0-1"]
+        before = sum(seen.values())
+
+        async def more_traffic() -> bool:
+            return sum(seen.values()) > before + 200
+
+        await _until(more_traffic, "traffic after the shrink")
+        _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
+        metrics = raw.decode()
+        for direction, count in (("up", 2), ("down", 3)):
+            assert (
+                f'lbstack_scale_events_total{{direction="{direction}",group="proxy-0",'
+                f'instance="supervisor",role="supervisor"}} {count}.0'
+            ) in metrics
+        assert (
+            'lbstack_group_servers{group="proxy-0",instance="supervisor",role="supervisor"} 2.0'
+            in metrics
+        )
+    assert _statuses(seen) == {"200"}, seen
+
+
+async def test_drain_and_undrain_by_hand() -> None:
+    async with running_stack(config=FAST) as stack, steady_load(stack) as seen:
+        run_dir = str(stack.run_dir)
+        out = await cli("drain", "server-1-1", "--run-dir", run_dir)
+        assert out.returncode == 0, out.stderr
+        assert (await stack.component("server-1-1"))["state"] == "draining"
+        mark = seen["200:server-1-1"]
+        total = sum(seen.values())
+
+        async def plenty() -> bool:
+            return sum(seen.values()) > total + 300
+
+        await _until(plenty, "traffic while drained")
+        assert seen["200:server-1-1"] == mark  # drained: no new request reached it
+        out = await cli("undrain", "server-1-1", "--run-dir", run_dir)
+        assert out.returncode == 0, out.stderr
+
+        async def back() -> bool:
+            return seen["200:server-1-1"] > mark
+
+        await _until(back, "server-1-1 to take traffic again")
+        assert (await stack.component("server-1-1"))["state"] == "ready"
+    assert _statuses(seen) == {"200"}, seen
+
+
+async def test_scale_and_drain_refuse_what_they_cannot_do() -> None:
+    async with running_stack() as stack:
+        run_dir = str(stack.run_dir)
+        for args, message in (
+            (("scale", "proxy-9", "3"), "no group named 'proxy-9'"),
+            (("scale", "proxy-0", "0"), "expected 1 to 1024 servers, found 0"),
+            (("drain", "server-9-9"), "no server or proxy named 'server-9-9'"),
+            (("drain", "balancer-0"), "no server or proxy named 'balancer-0'"),
+        ):
+            out = await cli(*args, "--run-dir", run_dir)
+            assert out.returncode == 1, (args, out.stdout)
+            assert message in out.stderr, (args, out.stderr)
