@@ -37,5 +37,9 @@ types: $(STAMP)
 ## check: lint, types and tests, as before every commit
 check: lint types test
 
+## bench: lbstack against nginx in the same topology (needs wrk and nginx)
+bench: $(STAMP)
+	$(BIN)/python -m loadtests.bench $(ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

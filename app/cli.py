@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,7 +127,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_up(args: argparse.Namespace) -> int:
     config = configuration.load(args.config, _overrides(args))
     setup(config.supervisor.log_level, "supervisor")
+    _raise_open_files_limit()
     return uvloop.run(Supervisor(config).run())
+
+
+def _raise_open_files_limit() -> None:
+    """Soft open-files limit up to the hard one: a balancer holds a socket per client,
+    and every child inherits the limit from here."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _control(args: argparse.Namespace) -> Address:

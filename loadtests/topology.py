@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import grp
+import json
 import os
 import pwd
 import re
@@ -251,6 +252,38 @@ class LbstackStack:
             while raw := await self._process.stdout.readline():
                 log.write(raw)
 
+    @property
+    def pid(self) -> int | None:
+        """The supervisor's pid, once started."""
+        return self._process.pid if self._process is not None else None
+
+    async def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``lbstack status --json`` for this stack: every component with role and pid."""
+        process = await asyncio.create_subprocess_exec(
+            str(self.lbstack),
+            "status",
+            "--json",
+            "--run-dir",
+            str(self.run_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            await stop_process(process, signal.SIGKILL, 1.0)
+            raise TopologyError("lbstack status --json: timed out") from None
+        if process.returncode != 0:
+            raise TopologyError(f"lbstack status --json: {err.decode(errors='replace').strip()}")
+        try:
+            answer = json.loads(out)
+        except ValueError as exc:
+            raise TopologyError(f"lbstack status --json printed no JSON: {exc}") from exc
+        if not isinstance(answer, dict) or not isinstance(answer.get("components"), list):
+            raise TopologyError(f"lbstack status --json: unexpected shape {answer!r:.200}")
+        return answer
+
     def server_groups(self) -> list[list[Path]]:
         """Each proxy's server data sockets, in order: ``[[server-0-0.sock, ...], ...]``."""
         found: dict[int, dict[int, Path]] = {}
@@ -393,6 +426,11 @@ class _NginxInstance:
     def error_log(self) -> Path:
         return self.prefix / "error.log"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where this nginx writes its master's pid (the ``pid`` directive)."""
+        return self.prefix / "nginx.pid"
+
     async def start(self) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)
         conf_file = self.prefix / "nginx.conf"
@@ -463,6 +501,12 @@ class NginxTopology:
     def instances(self) -> list[_NginxInstance]:
         front = [self._front] if self._front is not None else []
         return [*front, *(instance for _, instance in self._proxies)]
+
+    def pid_files(self) -> dict[str, Path]:
+        """Each instance's pid file by name: ``front``, ``proxy-0``, ``proxy-1`` ..."""
+        named = {"front": self._front} if self._front is not None else {}
+        named.update({f"proxy-{i}": instance for i, (_, instance) in enumerate(self._proxies)})
+        return {name: instance.pid_file for name, instance in named.items()}
 
     def _why_down(self) -> str | None:
         for instance in self.instances:

@@ -43,6 +43,7 @@ from app.supervisor.telemetry import SupervisorMetrics
 
 log = get_logger("supervisor")
 PR_SET_PDEATHSIG = 1
+BOOT_CONCURRENCY = 2  # children booting at once, per CPU
 
 
 class Supervisor:
@@ -340,11 +341,21 @@ class Supervisor:
         return [by_role["server"], by_role["proxy"], by_role["balancer"]]
 
     async def _start_tiers(self) -> bool:
-        """Servers, then proxies, then balancers, each tier ready before the next."""
-        for tier in self._tiers():
-            for child in tier:
+        """Servers, then proxies, then balancers, each tier ready before the next.
+
+        At most ``BOOT_CONCURRENCY`` per CPU boot at once: a Python child's boot is
+        CPU-bound imports, and 64 of them at once on 2 cores would miss their
+        ready timeout and be killed and restarted.
+        """
+        booting = asyncio.Semaphore(BOOT_CONCURRENCY * (os.cpu_count() or 1))
+
+        async def boot(child: Child) -> bool:
+            async with booting:
                 child.start()
-            results = await asyncio.gather(*(c.wait_ready() for c in tier))
+                return await child.wait_ready()
+
+        for tier in self._tiers():
+            results = await asyncio.gather(*(boot(c) for c in tier))
             if not all(results) or self._fatal is not None:
                 return False
         return True
