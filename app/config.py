@@ -315,11 +315,54 @@ class ServerConfig(Model):
         return self
 
 
+class Autoscale(Model):
+    """How the supervisor grows and shrinks a server group with its load (like the HPA)."""
+
+    enabled: bool = Field(False, description="Scale this group automatically.")
+    min: int = Field(1, ge=1, le=1024, description="Fewest servers.")
+    max: int = Field(10, ge=1, le=1024, description="Most servers.")
+    signal: Literal["in_flight", "p99", "cpu"] = Field(
+        "in_flight",
+        description="The load measured: requests in flight per server, the proxy's p99 "
+        "latency to its servers (seconds), or CPU per server (cores).",
+    )
+    target: float = Field(
+        4.0, gt=0, description="The signal's value per server the group is sized for."
+    )
+    tolerance: float = Field(
+        0.1, ge=0, lt=1, description="No change while observed/target is within 1 ± this."
+    )
+    interval: Duration = Field(2.0, description="Time between two decisions.")
+    window: Duration = Field(10.0, description="The signal is averaged over this long.")
+    scale_up_window: Duration = Field(
+        0.0, description="Scale up to the lowest recommendation of this long (0: at once)."
+    )
+    scale_down_window: Duration = Field(
+        60.0, description="Scale down only to the highest recommendation of this long."
+    )
+    max_step_up: int = Field(4, ge=1, description="Most servers one step adds.")
+    max_step_down: int = Field(1, ge=1, description="Most servers one step removes.")
+    hold: Duration = Field(
+        60.0, description="After `lbstack scale` by hand, no automatic step for this long."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.min > self.max:
+            raise PydanticCustomError(
+                "autoscale",
+                "min: expected at most max ({max}), found {min}",
+                {"max": self.max, "min": self.min},
+            )
+        return self
+
+
 class GroupConfig(Model):
     """Overrides for one proxy's group; unset fields come from the top level."""
 
     servers: int | None = Field(None, ge=1, le=1024, description="Servers in this group.")
     server: ServerConfig = ServerConfig()
+    autoscale: Autoscale = Autoscale()
 
 
 class SupervisorConfig(Model):
@@ -365,6 +408,7 @@ class Config(Model):
     groups: tuple[GroupConfig, ...] = Field(
         (), description="Per-proxy overrides, in proxy order; when given, they define the proxies."
     )
+    autoscale: Autoscale = Autoscale()
     supervisor: SupervisorConfig = SupervisorConfig()
 
     @model_validator(mode="before")
@@ -373,15 +417,19 @@ class Config(Model):
         """Each group's server table is the top-level one with the group's keys on top."""
         if not isinstance(data, dict) or not isinstance(data.get("groups"), list | tuple):
             return data
-        base = data.get("server", {})
-        if not isinstance(base, Mapping):
-            return data
         groups = []
         for group in data["groups"]:
-            if isinstance(group, Mapping) and isinstance(group.get("server", {}), Mapping):
-                groups.append({**group, "server": _deep_merge(base, group.get("server", {}))})
-            else:
-                groups.append(group)
+            merged_group = group
+            for table in ("server", "autoscale"):
+                base = data.get(table, {})
+                if (
+                    isinstance(merged_group, Mapping)
+                    and isinstance(base, Mapping)
+                    and isinstance(merged_group.get(table, {}), Mapping)
+                ):
+                    top = merged_group.get(table, {})
+                    merged_group = {**merged_group, table: _deep_merge(base, top)}
+            groups.append(merged_group)
         merged = {**data, "groups": groups}
         if groups and "proxies" in data and data["proxies"] != len(groups):
             raise PydanticCustomError(
@@ -423,13 +471,14 @@ class Config(Model):
         """The effective layout of proxy ``index``'s group."""
         override = self.groups[index] if index < len(self.groups) else None
         server = override.server if override else self.server
+        autoscale = override.autoscale if override else self.autoscale
         if server.kind == "address":
             count = len(server.addresses)
         elif override and override.servers is not None:
             count = override.servers
         else:
             count = self.servers_per_proxy
-        return GroupLayout(index=index, servers=count, server=server)
+        return GroupLayout(index=index, servers=count, server=server, autoscale=autoscale)
 
     def layouts(self) -> list[GroupLayout]:
         return [self.group(i) for i in range(self.proxies)]
@@ -448,6 +497,7 @@ class GroupLayout(BaseModel):
     index: int
     servers: int
     server: ServerConfig
+    autoscale: Autoscale
 
     @property
     def name(self) -> str:

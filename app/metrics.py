@@ -7,6 +7,7 @@ contract with deploy/ and with the routers that scrape each other.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections.abc import Iterable, Iterator
@@ -219,3 +220,21 @@ def parse(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             yield sample.name, sample.labels, sample.value
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile over cumulative ``buckets`` (le -> count)."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in ordered:
+        if count >= rank:
+            if math.isinf(le):
+                return lower_le
+            if count == lower_count:
+                return le
+            return lower_le + (le - lower_le) * (rank - lower_count) / (count - lower_count)
+        lower_le, lower_count = le, count
+    return ordered[-1][0]

@@ -9,7 +9,6 @@ text when the output is not a terminal.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from rich.text import Text
 
 from app.address import parse_address
 from app.client import fetch
-from app.metrics import parse
+from app.metrics import histogram_quantile, parse
 
 METRICS_TIMEOUT = 2.0
 
@@ -59,24 +58,6 @@ class Load:
     error_ratio: float
     p99: float | None  # seconds
     in_flight: float
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus's histogram_quantile over cumulative ``buckets`` (le -> count)."""
-    ordered = sorted(buckets.items())
-    if not ordered or ordered[-1][1] <= 0:
-        return None
-    rank = q * ordered[-1][1]
-    lower_le, lower_count = 0.0, 0.0
-    for le, count in ordered:
-        if count >= rank:
-            if math.isinf(le):
-                return lower_le
-            if count == lower_count:
-                return le
-            return lower_le + (le - lower_le) * (rank - lower_count) / (count - lower_count)
-        lower_le, lower_count = le, count
-    return ordered[-1][0]
 
 
 def load_between(before: Reading, after: Reading) -> Load:

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from app.metrics import Metrics
-from app.statusview import Load, Reading, histogram_quantile, load_between, render
+from app.metrics import Metrics, histogram_quantile
+from app.statusview import Load, Reading, load_between, render
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:

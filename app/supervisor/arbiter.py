@@ -36,6 +36,7 @@ from app.config import Config, GroupLayout
 from app.errors import LbstackError, StartupError
 from app.log import get_logger
 from app.rundir import RunDir
+from app.supervisor.autoscaler import Autoscaler
 from app.supervisor.child import Child, Launch, python_argv
 from app.supervisor.control import create_control_app, create_metrics_app
 from app.supervisor.scaling import Scaler, upstream_body
@@ -58,6 +59,7 @@ class Supervisor:
         self.metrics = SupervisorMetrics(self)
         self.metrics_address: Address | None = None
         self.scaler = Scaler(self)
+        self.autoscaler = Autoscaler(self)
         self._sockets: dict[Address, socket.socket] = {}
         self._foreign_paths: list[Address] = []  # sockets our command-run servers create
         self._runners: list[web.BaseRunner] = []
@@ -76,8 +78,10 @@ class Supervisor:
             self._plan_children()
             if await self._start_tiers():
                 self._announce()
+                self.autoscaler.start()
                 await self._loop()
         finally:
+            await self.autoscaler.stop()
             await self._shutdown()
         if self._fatal is not None:
             raise StartupError(self._fatal)
@@ -409,6 +413,7 @@ class Supervisor:
             "balancer": [str(self.run_dir.balancer), *(str(a) for a in self.config.listen)],
             "metrics": None if self.metrics_address is None else str(self.metrics_address),
             "components": [supervisor, *(c.status() for c in self.children.values())],
+            "autoscale": self.autoscaler.status(),
         }
 
     def _write_targets(self) -> None:

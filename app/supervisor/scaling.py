@@ -49,6 +49,12 @@ class Scaler:
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
         self._lock = asyncio.Lock()
+        self._manual_at: dict[str, float] = {}
+
+    def held(self, group: str, hold: float) -> bool:
+        """Whether a manual scale of ``group`` less than ``hold`` ago still stands."""
+        at = self._manual_at.get(group)
+        return at is not None and time.monotonic() - at < hold
 
     def routers_of(self, name: str) -> list[Child]:
         """The routers that send traffic to ``name``: a server's proxy, or every balancer."""
@@ -79,8 +85,9 @@ class Scaler:
             log.info("undrained %s", name)
             return {"undrained": name}
 
-    async def scale(self, group: str, servers: int) -> dict[str, Any]:
-        """Grow or shrink ``group`` (``proxy-0``) to ``servers`` servers."""
+    async def scale(self, group: str, servers: int, *, manual: bool = True) -> dict[str, Any]:
+        """Grow or shrink ``group`` (``proxy-0``) to ``servers`` servers; a manual scale
+        holds the autoscaler off the group for its ``hold`` time."""
         supervisor = self._supervisor
         layouts = {layout.name: layout for layout in supervisor.config.layouts()}
         layout = layouts.get(group)
@@ -94,6 +101,8 @@ class Scaler:
         if not 1 <= servers <= MAX_SERVERS:
             raise ControlError(f"expected 1 to {MAX_SERVERS} servers, found {servers}")
         async with self._lock:
+            if manual:
+                self._manual_at[group] = time.monotonic()
             current = supervisor.servers_in(layout.index)
             if servers > len(current):
                 await self._grow(layout.index, servers - len(current))

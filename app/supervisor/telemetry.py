@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -65,9 +65,17 @@ class SupervisorMetrics:
             ["role", "instance", "group", "direction"],
             registry=self.registry,
         )
+        self.desired_servers = Gauge(
+            "lbstack_group_servers_desired",
+            "Servers the autoscaler wants in each group (its last decision).",
+            ["role", "instance", "group"],
+            registry=self.registry,
+        )
         for layout in supervisor.config.layouts():
             for direction in ("up", "down"):
                 self.scale_events.labels(ROLE, INSTANCE, layout.name, direction)
+            if layout.autoscale.enabled:
+                self.desired_servers.labels(ROLE, INSTANCE, layout.name).set(layout.servers)
         self._restarts = Counter(
             "lbstack_child_restarts",
             "Children restarted after they died.",
