@@ -10,7 +10,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,54 @@ async def cli(*args: str, timeout: float = 30.0) -> CliResult:
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return CliResult(process.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def steady_load(
+    stack: Stack, workers: int = 6, path: str = "/load"
+) -> AsyncIterator[Counter[str]]:
+    """GETs through the balancer, ``workers`` at a time, until the block ends.
+
+    Counts each answer as ``"<status>:<X-Served-By>"``; a request that got no answer
+    counts as ``"refused"`` (could not connect) or ``"failed"``. Bounded in requests.
+    """
+    seen: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def loop(client: aiohttp.ClientSession) -> None:
+        for _ in range(50_000):  # bounded; normally ended by ``stop``
+            if stop.is_set():
+                return
+            try:
+                async with client.get(path) as response:
+                    await response.read()
+                    seen[f"{response.status}:{response.headers.get('X-Served-By', '-')}"] += 1
+            except aiohttp.ClientConnectorError:
+                seen["refused"] += 1
+            except aiohttp.ClientError:
+                seen["failed"] += 1
+
+    async with stack.session() as client:
+        tasks = [asyncio.create_task(loop(client)) for _ in range(workers)]
+        try:
+            yield seen
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+def statuses(seen: Counter[str]) -> set[str]:
+    """The outcomes ``steady_load`` counted, without the servers: {"200", "failed", ...}."""
+    return {key.split(":")[0] for key in seen}
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is true, or fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)  # wait-ok: polling with a deadline
 
 
 @contextlib.asynccontextmanager

@@ -6,12 +6,11 @@ import asyncio
 import os
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
-from tests.harness import Stack, cli, running_stack
+from tests.harness import Stack, cli, running_stack, statuses, steady_load, until
 
 # Fast health and ejection settings, so each test takes seconds, not minutes.
 FAST = """
@@ -27,13 +26,6 @@ base_time = "1s"
 interval = "200ms"
 timeout = "300ms"
 """
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _share(stack: Stack, server: str, requests: int = 240, concurrency: int = 8) -> float:
@@ -68,13 +60,13 @@ async def test_a_slow_server_gets_a_small_share_and_recovers_after_clear() -> No
         async def avoided() -> bool:
             return await _share(stack, slow) < 0.04
 
-        await _until(avoided, f"{slow} to get under 4% of requests")
+        await until(avoided, f"{slow} to get under 4% of requests")
         assert (await cli("fault", slow, "clear", "--run-dir", run_dir)).returncode == 0
 
         async def recovered() -> bool:
             return await _share(stack, slow) > 0.08  # a fair share is 1/6
 
-        await _until(recovered, f"{slow} to get its share back")
+        await until(recovered, f"{slow} to get its share back")
 
 
 async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
@@ -88,7 +80,7 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
             upstream = await _upstream(stack, "proxy-1", bad)
             return not upstream["available"] and upstream["ejections"] >= 1
 
-        await _until(ejected, f"{bad} to be ejected")
+        await until(ejected, f"{bad} to be ejected")
         # Out, it serves nothing (the other five take everything).
         assert await _share(stack, bad, requests=60) == 0.0
         assert (await cli("fault", bad, "clear", "--run-dir", run_dir)).returncode == 0
@@ -96,7 +88,7 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
         async def readmitted() -> bool:
             return await _share(stack, bad, requests=60) > 0.0
 
-        await _until(readmitted, f"{bad} to be re-admitted")
+        await until(readmitted, f"{bad} to be re-admitted")
         metrics = await stack.admin_text("proxy-1", "/metrics")
         assert (
             f'lbstack_upstream_ejections_total{{instance="proxy-1",role="proxy",upstream="{bad}"}}'
@@ -105,35 +97,19 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
 
 
 async def test_killing_a_server_then_a_proxy_fails_no_get() -> None:
-    async with running_stack(config=FAST) as stack:
-        statuses: Counter[int] = Counter()
-        stop = asyncio.Event()
+    async with running_stack(config=FAST) as stack, steady_load(stack, workers=8) as seen:
+        for victim in ("server-0-1", "proxy-0"):
+            before = await stack.component(victim)
+            os.kill(before["pid"], signal.SIGKILL)
+            await stack.wait_for(victim, not_pid=before["pid"])
+            mark = sum(seen.values()) + 200
 
-        async def client_loop(client: aiohttp.ClientSession) -> None:
-            for _ in range(20_000):  # bounded; normally ended by ``stop``
-                if stop.is_set():
-                    return
-                async with client.get("/steady") as response:
-                    await response.read()
-                    statuses[response.status] += 1
+            async def more_served(mark: int = mark) -> bool:
+                return sum(seen.values()) > mark
 
-        async with stack.session() as client:
-            workers = [asyncio.create_task(client_loop(client)) for _ in range(8)]
-            for victim in ("server-0-1", "proxy-0"):
-                before = await stack.component(victim)
-                served = sum(statuses.values())
-                os.kill(before["pid"], signal.SIGKILL)
-                await stack.wait_for(victim, not_pid=before["pid"])
-
-                async def more_served(mark: int = served + 200) -> bool:
-                    await asyncio.sleep(0.05)  # wait-ok: polling the counter with a deadline
-                    return sum(statuses.values()) > mark
-
-                await _until(more_served, "traffic to go on after the restart")
-            stop.set()
-            await asyncio.gather(*workers)
-        assert set(statuses) == {200}, statuses
-        assert sum(statuses.values()) > 400
+            await until(more_served, "traffic to go on after the restart")
+    assert statuses(seen) == {"200"}, seen
+    assert sum(seen.values()) > 400
 
 
 async def test_a_post_whose_server_dies_is_502_and_never_replayed() -> None:
@@ -154,7 +130,7 @@ async def test_a_post_whose_server_dies_is_502_and_never_replayed() -> None:
                 await asyncio.sleep(0.02)  # wait-ok: polling with a deadline
                 return bool(holder)
 
-            await _until(received, "a server to receive the POST")
+            await until(received, "a server to receive the POST")
             other = "server-0-1" if holder == "server-0-0" else "server-0-0"
             os.kill((await stack.component(holder))["pid"], signal.SIGKILL)
             response = await post

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-
-import aiohttp
 
 from app.address import Address
 from app.client import fetch
-from tests.harness import Stack, cli, running_stack
+from tests.harness import Stack, cli, running_stack, statuses, steady_load, until
 
 # Quick slow start and checks so a new server takes traffic within a second or two.
 FAST = """
@@ -22,42 +16,6 @@ slow_start = "500ms"
 [proxy.health]
 interval = "200ms"
 """
-
-
-@asynccontextmanager
-async def steady_load(stack: Stack, workers: int = 6) -> AsyncIterator[Counter[str]]:
-    """GETs through the balancer until the block ends; counts answers by status and
-    server (``"status:server"``)."""
-    seen: Counter[str] = Counter()
-    stop = asyncio.Event()
-
-    async def loop(client: aiohttp.ClientSession) -> None:
-        for _ in range(50_000):  # bounded; normally ended by ``stop``
-            if stop.is_set():
-                return
-            async with client.get("/load") as response:
-                await response.read()
-                seen[f"{response.status}:{response.headers.get('X-Served-By', '-')}"] += 1
-
-    async with stack.session() as client:
-        tasks = [asyncio.create_task(loop(client)) for _ in range(workers)]
-        try:
-            yield seen
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
-
-
-def _statuses(seen: Counter[str]) -> set[str]:
-    return {key.split(":")[0] for key in seen}
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)  # wait-ok: polling with a deadline
 
 
 async def _servers(stack: Stack, group: str) -> list[str]:
@@ -79,7 +37,7 @@ async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
         async def new_servers_serve() -> bool:
             return any(key.endswith("server-0-4") for key in seen)
 
-        await _until(new_servers_serve, "server-0-4 to take traffic")
+        await until(new_servers_serve, "server-0-4 to take traffic")
         targets = {
             g["labels"]["lbstack_target"]
             for g in json.loads((stack.run_dir / "targets.json").read_text())
@@ -97,7 +55,7 @@ async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
         async def more_traffic() -> bool:
             return sum(seen.values()) > before + 200
 
-        await _until(more_traffic, "traffic after the shrink")
+        await until(more_traffic, "traffic after the shrink")
         _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
         metrics = raw.decode()
         for direction, count in (("up", 2), ("down", 3)):
@@ -109,7 +67,7 @@ async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
             'lbstack_group_servers{group="proxy-0",instance="supervisor",role="supervisor"} 2.0'
             in metrics
         )
-    assert _statuses(seen) == {"200"}, seen
+    assert statuses(seen) == {"200"}, seen
 
 
 async def test_drain_and_undrain_by_hand() -> None:
@@ -124,7 +82,7 @@ async def test_drain_and_undrain_by_hand() -> None:
         async def plenty() -> bool:
             return sum(seen.values()) > total + 300
 
-        await _until(plenty, "traffic while drained")
+        await until(plenty, "traffic while drained")
         assert seen["200:server-1-1"] == mark  # drained: no new request reached it
         out = await cli("undrain", "server-1-1", "--run-dir", run_dir)
         assert out.returncode == 0, out.stderr
@@ -132,9 +90,9 @@ async def test_drain_and_undrain_by_hand() -> None:
         async def back() -> bool:
             return seen["200:server-1-1"] > mark
 
-        await _until(back, "server-1-1 to take traffic again")
+        await until(back, "server-1-1 to take traffic again")
         assert (await stack.component("server-1-1"))["state"] == "ready"
-    assert _statuses(seen) == {"200"}, seen
+    assert statuses(seen) == {"200"}, seen
 
 
 async def test_scale_and_drain_refuse_what_they_cannot_do() -> None:

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +17,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.harness import Stack, cli, running_stack, short_tmpdir
+from tests.harness import Stack, cli, running_stack, short_tmpdir, statuses, steady_load, until
 
 SERVERS = {f"server-{p}-{s}" for p in range(2) for s in range(3)}
 
@@ -326,48 +326,22 @@ async def test_a_group_of_servers_at_addresses_something_else_runs() -> None:
 
 
 async def test_two_balancers_share_the_socket_and_one_dying_refuses_nobody() -> None:
+    workers = 8
     async with running_stack("--balancers", "2") as stack:
-        outcomes: Counter[str] = Counter()
-        stop = asyncio.Event()
-
-        async def client_loop(client: aiohttp.ClientSession) -> None:
-            for _ in range(20_000):  # bounded; normally ended by ``stop``
-                if stop.is_set():
-                    return
-                try:
-                    async with client.get("/ha") as response:
-                        await response.read()
-                        outcomes[str(response.status)] += 1
-                except aiohttp.ClientConnectorError:
-                    outcomes["refused"] += 1
-                except aiohttp.ClientError:
-                    outcomes["in flight on the killed balancer"] += 1
-
-        workers = 8
-        async with stack.session() as client:
-            tasks = [asyncio.create_task(client_loop(client)) for _ in range(workers)]
+        async with steady_load(stack, workers=workers) as seen:
             victim = await stack.component("balancer-1")
-            mark = sum(outcomes.values())
 
-            async def traffic_since(count: int) -> bool:
-                await asyncio.sleep(0.05)  # wait-ok: polling a counter with a deadline
-                return sum(outcomes.values()) > count
+            async def traffic(more: int) -> bool:
+                return sum(seen.values()) > more
 
-            await _until_true(lambda: traffic_since(mark + 200))
+            await until(lambda: traffic(200), "traffic through both balancers")
             os.kill(victim["pid"], signal.SIGKILL)
             await stack.wait_for("balancer-1", not_pid=victim["pid"])
-            mark = sum(outcomes.values())
-            await _until_true(lambda: traffic_since(mark + 200))
-            stop.set()
-            await asyncio.gather(*tasks)
+            mark = sum(seen.values()) + 200
+            await until(lambda: traffic(mark), "traffic after the replacement")
+        outcomes = Counter(key.split(":")[0] for key in seen.elements())
         print(f"outcomes with one of two balancers killed: {dict(outcomes)}")
         assert outcomes["refused"] == 0
         # Only requests in flight on the killed process may fail: one per client at most.
-        assert outcomes["in flight on the killed balancer"] <= workers
-        assert set(outcomes) <= {"200", "in flight on the killed balancer"}
-
-
-async def _until_true(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        assert outcomes["failed"] <= workers
+        assert statuses(seen) <= {"200", "failed"}
