@@ -90,7 +90,7 @@ async def eventually(predicate: Callable[[], bool], what: str) -> None:
     deadline = asyncio.get_running_loop().time() + WAIT
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
 
 
 def monitor_tasks() -> list[asyncio.Task[Any]]:

@@ -76,7 +76,7 @@ class FakeServer:
             self.held += 1
             await self.release.wait()
         elif self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # wait-ok: the fake upstream's own latency
         return web.Response(text=self.name)
 
     async def handle_admin(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -215,7 +215,7 @@ async def eventually(predicate: Callable[[], bool], what: str) -> None:
     deadline = asyncio.get_running_loop().time() + WAIT
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
 
 
 def tasks_named(name: str) -> list[asyncio.Task[Any]]:
@@ -564,7 +564,7 @@ async def test_membership_changes_under_load_fail_no_request(
             deadline = asyncio.get_running_loop().time() + WAIT
             while (await router.call("GET", f"/upstreams/{name}"))[1]["in_flight"]:
                 assert asyncio.get_running_loop().time() < deadline, f"{name} never drained"
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
         assert (await router.call("DELETE", f"/upstreams/{name}"))[0] == 200
         fake = fakes[name]
         await eventually(

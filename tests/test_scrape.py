@@ -269,7 +269,7 @@ async def test_scrapes_run_in_the_background_until_closed(
     deadline = asyncio.get_running_loop().time() + WAIT
     while admin.scrapes < 3:  # several rounds, through the one pooled connection
         assert asyncio.get_running_loop().time() < deadline, "timed out waiting for scrapes"
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
     assert up.reported_in_flight == 7 and up.reported_at > -math.inf
     await scraper.close()
     assert not scraper.running

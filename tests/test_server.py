@@ -115,7 +115,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
     while not await check():
         if loop.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
 
 
 # --- data plane ----------------------------------------------------------------------
