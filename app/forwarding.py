@@ -636,6 +636,7 @@ class Forwarder:
         metrics = self._metrics
         headers, request_id, problem = self._upstream_headers(request)
         response: web.StreamResponse
+        exchange: _Exchange | None = None  # only for requests that go upstream
         if problem:
             response = await self._refuse(request, 400, request_id, problem)
         elif self._max_body and (request.content_length or 0) > self._max_body:
@@ -656,32 +657,20 @@ class Forwarder:
             finally:
                 self._in_flight -= 1
                 exchange.close()
-            if self._access_log is not None:
-                link = exchange.link
-                self._access_log.write(
-                    request_id,
-                    request.method,
-                    request.raw_path,
-                    response.status,
-                    "" if link is None else link.upstream.name,
-                    exchange.attempts,
-                    perf_counter() - started,
-                )
-            metrics.count(response.status)
-            metrics.latency.observe(perf_counter() - started)
-            return response
+        elapsed = perf_counter() - started
         if self._access_log is not None:
+            link = None if exchange is None else exchange.link
             self._access_log.write(
                 request_id,
                 request.method,
                 request.raw_path,
                 response.status,
-                "",
-                0,
-                perf_counter() - started,
+                "" if link is None else link.upstream.name,
+                0 if exchange is None else exchange.attempts,
+                elapsed,
             )
         metrics.count(response.status)
-        metrics.latency.observe(perf_counter() - started)
+        metrics.latency.observe(elapsed)
         return response
 
     def _new_id(self) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from app.forwarding import FORWARDER, Forwarder, UnknownUpstream, UpstreamConfli
 from app.httpserver import server_options
 from app.log import get_logger
 from app.metrics import Metrics
+from app.routing import Upstream
 
 log = get_logger("router")
 
@@ -96,28 +97,23 @@ def upstream_routes(forwarder: Forwarder) -> list[web.RouteDef]:
             headers={"Location": f"/upstreams/{upstream.name}"},
         )
 
-    async def drain(request: web.Request) -> web.Response:
-        try:
-            upstream = forwarder.drain(request.match_info["name"])
-        except UnknownUpstream as exc:
-            return _error(404, str(exc))
-        return web.json_response(forwarder.upstream_view(upstream))
+    def acting(act: Callable[[str], Upstream]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A route that applies ``act`` to the named upstream and answers its view."""
 
-    async def undrain(request: web.Request) -> web.Response:
-        try:
-            upstream = forwarder.undrain(request.match_info["name"])
-        except UnknownUpstream as exc:
-            return _error(404, str(exc))
-        return web.json_response(forwarder.upstream_view(upstream))
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                upstream = act(request.match_info["name"])
+            except UnknownUpstream as exc:
+                return _error(404, str(exc))
+            except UpstreamConflict as exc:
+                return _error(409, str(exc))
+            return web.json_response(forwarder.upstream_view(upstream))
 
-    async def remove(request: web.Request) -> web.Response:
-        try:
-            upstream = forwarder.remove_upstream(request.match_info["name"])
-        except UnknownUpstream as exc:
-            return _error(404, str(exc))
-        except UpstreamConflict as exc:
-            return _error(409, str(exc))
-        return web.json_response(forwarder.upstream_view(upstream))
+        return handler
+
+    drain = acting(forwarder.drain)
+    undrain = acting(forwarder.undrain)
+    remove = acting(forwarder.remove_upstream)
 
     return [
         web.get("/upstreams", list_upstreams),

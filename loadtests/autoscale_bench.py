@@ -37,6 +37,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from loadtests import options
 from loadtests.topology import LbstackStack, TopologyError, make_workdir, remove_workdir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -536,37 +537,27 @@ def plot(bench: Bench, path: Path) -> None:
     plt.close(figure)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, found {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, found {text!r}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """The command line → ``Options``."""
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.autoscale_bench",
         description="The autoscaler under a step load: servers, p99 and failures per second.",
     )
-    parser.add_argument("--low", type=_positive_int, default=2, help="users before/after (2)")
-    parser.add_argument("--high", type=_positive_int, default=16, help="users in the step (16)")
     parser.add_argument(
-        "--lead", type=_seconds, default=10.0, help="seconds at --low before the step (10)"
+        "--low", type=options.positive_int, default=2, help="users before/after (2)"
     )
     parser.add_argument(
-        "--phase", type=_seconds, default=30.0, help="seconds of the step and after it (30)"
+        "--high", type=options.positive_int, default=16, help="users in the step (16)"
+    )
+    parser.add_argument(
+        "--lead", type=options.seconds, default=10.0, help="seconds at --low before the step (10)"
+    )
+    parser.add_argument(
+        "--phase", type=options.seconds, default=30.0, help="seconds of the step and after it (30)"
     )
     parser.add_argument("--latency", default="50ms", help="the servers' latency (50ms)")
     parser.add_argument(
-        "--request-timeout", type=_seconds, default=10.0, help="per request, s (10)"
+        "--request-timeout", type=options.seconds, default=10.0, help="per request, s (10)"
     )
     parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help="where to write the results JSON"

@@ -50,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.keepalive_clients import KeepAliveClients, Phase
+from loadtests.options import positive_int, summarize
 from loadtests.procstats import (
     FdLimit,
     Proc,
@@ -974,15 +975,6 @@ def _num(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def summarize(error: str) -> str:
-    """One line for an error: the exception a log tail ends with, else its first line."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception): ", line):
-            return f"{lines[0][:100]} ... {line[:160]}"
-    return lines[0][:200] if lines else "unknown error"
-
-
 def problem_kinds(lines: Iterable[str]) -> Counter[str]:
     """Log lines counted by kind: the timestamp dropped, component numbers as ``*``."""
     kinds: Counter[str] = Counter()
@@ -991,13 +983,6 @@ def problem_kinds(lines: Iterable[str]) -> Counter[str]:
         text = re.sub(r"\b(server|proxy|balancer)-[\d-]+", r"\1-*", text)
         kinds[re.sub(r"\s+", " ", text)[:120]] += 1
     return kinds
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, found {text!r}")
-    return value
 
 
 def _latency(text: str) -> str:
@@ -1018,23 +1003,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--latency", type=_latency, default="0ms", help="server latency (0ms)")
     parser.add_argument(
         "--connections",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="wrk connections of the loaded runs (64)",
     )
-    parser.add_argument("--duration", type=_positive_int, default=10, help="seconds per run (10)")
+    parser.add_argument("--duration", type=positive_int, default=10, help="seconds per run (10)")
     parser.add_argument(
-        "--rounds", type=_positive_int, default=2, help="alternating rounds per system (2)"
+        "--rounds", type=positive_int, default=2, help="alternating rounds per system (2)"
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="seconds of unmeasured load per system (2)"
     )
-    parser.add_argument("--proxies", type=_positive_int, default=2, help="proxies (2)")
+    parser.add_argument("--proxies", type=positive_int, default=2, help="proxies (2)")
     parser.add_argument(
-        "--servers-per-proxy", type=_positive_int, default=3, help="servers per proxy (3)"
+        "--servers-per-proxy", type=positive_int, default=3, help="servers per proxy (3)"
     )
     parser.add_argument(
-        "--hold", type=_positive_int, default=5000, help="client connections to hold (5000)"
+        "--hold", type=positive_int, default=5000, help="client connections to hold (5000)"
     )
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale figures")
     parser.add_argument(

@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import PolicyName
+from loadtests.options import positive_int, seconds, summarize
 from loadtests.topology import (
     NGINX_METHODS,
     LbstackStack,
@@ -503,35 +503,12 @@ class Bench:
         }
 
 
-def summarize(error: str) -> str:
-    """One line for an error: the exception a log tail ends with, else its first line."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception): ", line):
-            return f"{lines[0][:100]} ... {line[:160]}"
-    return lines[0][:200] if lines else "unknown error"
-
-
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
 def _ms(microseconds: float) -> str:
     return f"{microseconds / 1000:.1f}"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, found {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, found {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -543,11 +520,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "with one slow or intermittently stalling server.",
     )
     parser.add_argument(
-        "--duration", type=_positive_int, default=15, help="seconds per measured run (15)"
+        "--duration", type=positive_int, default=15, help="seconds per measured run (15)"
     )
-    parser.add_argument(
-        "--connections", type=_positive_int, default=64, help="wrk connections (64)"
-    )
+    parser.add_argument("--connections", type=positive_int, default=64, help="wrk connections (64)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="seconds of unmeasured load before each run (2)"
     )
@@ -556,9 +531,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--slow-latency", default="50ms", help=f"{SLOW_SERVER}'s latency when degraded (50ms)"
     )
     parser.add_argument(
-        "--stall-every", type=_seconds, default=5.0, help="seconds between stalls (5)"
+        "--stall-every", type=seconds, default=5.0, help="seconds between stalls (5)"
     )
-    parser.add_argument("--stall-for", type=_seconds, default=1.0, help="stall length, s (1)")
+    parser.add_argument("--stall-for", type=seconds, default=1.0, help="stall length, s (1)")
     parser.add_argument(
         "--scenarios",
         nargs="+",

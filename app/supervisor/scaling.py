@@ -69,21 +69,20 @@ class Scaler:
 
     async def drain(self, name: str) -> dict[str, Any]:
         """No new requests to ``name``; the ones in flight finish."""
-        async with self._lock:
-            for router in self.routers_of(name):
-                await _call(router, "POST", f"/upstreams/{name}/drain")
-            self._supervisor.children[name].draining = True
-            log.info("drained %s", name)
-            return {"drained": name}
+        return await self._set_draining(name, draining=True)
 
     async def undrain(self, name: str) -> dict[str, Any]:
         """``name`` takes new requests again (ramping in with slow start)."""
+        return await self._set_draining(name, draining=False)
+
+    async def _set_draining(self, name: str, *, draining: bool) -> dict[str, Any]:
+        verb = "drain" if draining else "undrain"
         async with self._lock:
             for router in self.routers_of(name):
-                await _call(router, "POST", f"/upstreams/{name}/undrain")
-            self._supervisor.children[name].draining = False
-            log.info("undrained %s", name)
-            return {"undrained": name}
+                await _call(router, "POST", f"/upstreams/{name}/{verb}")
+            self._supervisor.children[name].draining = draining
+            log.info("%sed %s", verb, name)
+            return {f"{verb}ed": name}
 
     async def scale(self, group: str, servers: int, *, manual: bool = True) -> dict[str, Any]:
         """Grow or shrink ``group`` (``proxy-0``) to ``servers`` servers; a manual scale
