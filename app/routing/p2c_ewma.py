@@ -11,9 +11,11 @@ The cost of upstream ``u`` at time ``now``::
 
     latency = u.ewma × exp(-(now − u.ewma_at) / decay)           # peak EWMA, seconds
               max'ed with u.reported_latency             when the report is fresh
-              (no sample yet: the fresh reported latency if any, else the prior)
-    load    = max(u.in_flight, u.reported_in_flight)     when the report is fresh
-              u.in_flight                                otherwise
+              (no sample yet: the fresh reported latency if any, else the
+              peers' estimate if any, else the prior)
+    load    = max(u.in_flight + u.peer_in_flight, u.reported_in_flight)
+                                                         when the report is fresh
+              u.in_flight + u.peer_in_flight             otherwise
     weight  = effective_weight(u, now)                   # u.weight, ramped in slow start
     health  = max(u.reported_health, HEALTH_FLOOR)       when the report is fresh, else 1
 
@@ -34,6 +36,13 @@ The cost of upstream ``u`` at time ``now``::
   ``max(PENALTY_MIN, PENALTY_FACTOR × estimate)`` (at most ``PENALTY_MAX`` unless
   already above it) and then decays like any estimate, so an upstream failing fast
   looks slow, not attractive, and is probed again later at growing intervals.
+* **Peers** (balancers only, ``app.exchange``): ``peer_in_flight`` is what the other
+  balancers have in flight to the upstream, so N balancers see the same load and don't
+  all pile onto the one that looks idle from each of them alone. A peer exports only
+  its own count, never what it learnt from others, and the upstream's own report
+  counts every balancer's requests already: hence the sum with our own count and the
+  max with the report, never a sum of all three. ``peer_latency`` (the peers' estimate)
+  stands in for the prior of an upstream this balancer has no sample of yet.
 * **Reports**: what an upstream says of itself in its metrics (the ``reported_*``
   fields, from all its routers) counts only while fresh: ``now − reported_at ≤
   3 × scrape_interval`` (never when ``scrape_interval`` is 0). ``reported_health`` is a
@@ -122,7 +131,7 @@ class P2CEwma(Policy):
     def cost(self, upstream: Upstream, now: float) -> float:
         """What sending one more request to ``upstream`` at ``now`` costs (module doc)."""
         latency = self.latency(upstream, now)
-        load = float(upstream.in_flight)
+        load = upstream.in_flight + upstream.peer_in_flight
         weight = self.effective_weight(upstream, now)
         if now - upstream.reported_at <= self.fresh_for:
             reported = upstream.reported_latency
@@ -137,7 +146,7 @@ class P2CEwma(Policy):
     def latency(self, upstream: Upstream, now: float) -> float:
         """``upstream``'s latency estimate at ``now``, decayed since its last update."""
         if upstream.ewma_at == -math.inf:
-            return self._typical
+            return upstream.peer_latency if upstream.peer_latency > 0 else self._typical
         return upstream.ewma * self._keep(now - upstream.ewma_at)
 
     def observe(self, upstream: Upstream, latency: float, now: float) -> None:

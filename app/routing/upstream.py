@@ -21,7 +21,10 @@ class Upstream:
       the one flag policies read to know whether they may pick it;
     * the metrics scraper: the ``reported_*`` fields, what the upstream says of its own
       load, stamped with ``reported_at`` so that stale figures age out;
-    * the control API: ``weight`` and ``draining``.
+    * the control API: ``weight`` and ``draining``;
+    * the balancers' load exchange (``app.exchange``): the ``peer_*`` fields, what the
+      other balancers have in flight to this upstream, already faded by the age of
+      their views, so a pick reads them as they are.
 
     Identity is the object itself, so a policy's ``exclude`` set is cheap to test.
     """
@@ -55,6 +58,11 @@ class Upstream:
     reported_latency: float = 0.0
     reported_health: float = 1.0
     reported_at: float = -math.inf
+
+    # What the other balancers send this upstream (load exchange): the sum of their
+    # requests in flight to it, and the mean of their latency estimates of it (0: none).
+    peer_in_flight: float = 0.0
+    peer_latency: float = 0.0
 
 
 # Below this an upstream still takes a share, or slow start would begin with nothing
