@@ -453,12 +453,14 @@ class Bench:
 
 
 def _scale_lines(log_file: Path) -> list[str]:
-    """The autoscaler's decision lines in the stack's log."""
+    """The autoscaler's scale steps in the stack's log (not its "stays at" decisions)."""
     try:
         lines = log_file.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [line for line in lines if f"{GROUP}: load" in line]
+    return [
+        line for line in lines if f"{GROUP}: load" in line and " servers" in line and " -> " in line
+    ]
 
 
 def _fmt(value: float | None) -> str:

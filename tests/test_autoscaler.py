@@ -1,16 +1,20 @@
-"""The autoscaler: its decision rule (pure, with a clock the test moves) and, on the real
-stack, a load step that grows a group and its end that shrinks it back."""
+"""The autoscaler: its decision rule and signals (pure, with a clock the test moves), the
+CPU of a real process tree and, on the real stack, a load step that grows a group and
+its end that shrinks it back. More real-stack cases: ``tests/test_autoscale_*.py``."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import generate_latest
 
 from app.config import Autoscale
-from app.metrics import Metrics
-from app.supervisor.autoscaler import Recommender, Signal
+from app.metrics import Metrics, UpstreamMetrics
+from app.supervisor.autoscaler import Reading, Recommender, Signal
+from app.supervisor.telemetry import tree_cpu_seconds
 from tests.conftest import FakeClock
 from tests.harness import running_stack, statuses, steady_load, until
 
@@ -61,25 +65,121 @@ def test_missing_data_never_scales_down() -> None:
     assert decision.desired == 5 and decision.reason == "no data: holding"
 
 
-def test_the_signal_averages_over_its_window_and_reads_real_metrics() -> None:
+def test_a_fresh_group_is_not_shrunk_within_its_scale_down_window() -> None:
+    # Like the HPA, the history starts with the size at start: a stack that has just come
+    # up idle keeps its servers for the window, then shrinks one step at a time.
+    rec = Recommender(policy(scale_down_window=5, max_step_down=1), seed=(0.0, 3))
+    held = rec.decide(1.0, current=3, observed=0.0)
+    assert (held.recommendation, held.desired) == (1, 3)
+    assert rec.decide(6.0, current=3, observed=0.0).desired == 2
+    # With no window, the seed holds nothing.
+    assert Recommender(policy(scale_down_window=0), seed=(0.0, 3)).decide(1.0, 3, 0.0).desired == 2
+
+
+def test_a_recommendation_beyond_min_or_max_says_so() -> None:
+    up = Recommender(policy(max=3)).decide(0.0, current=3, observed=40.0)
+    assert (up.recommendation, up.desired, up.reason) == (
+        3,
+        3,
+        "load above target, capped at max 3",
+    )
+    down = Recommender(policy(min=2, scale_down_window=0)).decide(0.0, current=2, observed=0.0)
+    assert (down.desired, down.reason) == (2, "load below target, floored at min 2")
+
+
+def _proxy_text(in_flight: dict[str, int], latencies: dict[str, list[float]]) -> str:
+    """A proxy's /metrics text with these per-upstream figures."""
+    metrics = Metrics("proxy", "proxy-0")
+    upstream = UpstreamMetrics(metrics)
+    for name, count in in_flight.items():
+        upstream.in_flight.labels("proxy", "proxy-0", name).set(count)
+    for name, values in latencies.items():
+        for value in values:
+            upstream.latency.labels("proxy", "proxy-0", name).observe(value)
+    return generate_latest(metrics.registry).decode()
+
+
+def test_in_flight_comes_from_the_proxy_and_averages_over_its_window() -> None:
     clock = FakeClock()
     signal = Signal(policy(window=10), clock)
-    servers = {}
-    for name, in_flight in (("server-0-0", 2), ("server-0-1", 6)):
-        metrics = Metrics("server", name)
-        metrics.in_flight.set(in_flight)
-        servers[name] = generate_latest(metrics.registry).decode()
-    signal.add(signal.sample(servers, None))
+    group = {"server-0-0", "server-0-1"}
+    # server-0-9 is not (or no longer) in the group: it does not count.
+    text = _proxy_text({"server-0-0": 2, "server-0-1": 6, "server-0-9": 40}, {})
+    signal.add(signal.sample(group, Reading(proxy=text)))
     assert signal.observed() == 4.0
     clock.advance(5)
     signal.add(8.0)
     assert signal.observed() == 6.0
     clock.advance(6)  # the first sample is now older than the window
-    signal.add(None)
+    signal.add(signal.sample(group, Reading()))  # the proxy did not answer: no sample
     assert signal.observed() == 8.0
     clock.advance(11)
     signal.add(None)
     assert signal.observed() is None
+    assert signal.sample(group, Reading(proxy=_proxy_text({"server-0-9": 3}, {}))) is None
+
+
+def test_p99_counts_each_upstream_since_the_last_reading() -> None:
+    signal = Signal(policy(signal="p99", target=0.1))
+    group = {"server-0-0", "server-0-1"}
+    first = _proxy_text({}, {"server-0-0": [0.01] * 50, "server-0-1": [0.01] * 50})
+    assert signal.sample(group, Reading(proxy=first)) is None  # a baseline only
+    # 100 more requests, the slow ones on server-0-1; server-0-0's history stays out.
+    second = _proxy_text({}, {"server-0-0": [0.01] * 100, "server-0-1": [0.01] * 50 + [0.4] * 50})
+    p99 = signal.sample(group, Reading(proxy=second))
+    assert p99 is not None and 0.25 < p99 <= 0.5, p99
+    # server-0-1 left the group: its series are gone, which takes nothing away.
+    third = _proxy_text({}, {"server-0-0": [0.01] * 200})
+    p99 = signal.sample({"server-0-0"}, Reading(proxy=third))
+    assert p99 is not None and p99 <= 0.025, p99
+    # No request since: an idle group, which reads as no latency (so it can shrink).
+    assert signal.sample({"server-0-0"}, Reading(proxy=third)) == 0.0
+    assert signal.sample({"server-0-0"}, Reading()) is None  # the proxy did not answer
+
+
+def test_cpu_is_the_rate_of_each_process_tree_and_a_restart_starts_over() -> None:
+    clock = FakeClock()
+    signal = Signal(policy(signal="cpu", target=0.5), clock)
+    group = {"server-0-0", "server-0-1"}
+    assert signal.sample(group, Reading(cpu={"server-0-0": (10, 5.0)})) is None
+    clock.advance(2)
+    cpu = {"server-0-0": (10, 6.0), "server-0-1": (11, 1.0)}
+    assert signal.sample(group, Reading(cpu=cpu)) == 0.5  # 1 s in 2 s; server-0-1 new
+    clock.advance(1)
+    cpu = {"server-0-0": (10, 6.5), "server-0-1": (11, 2.5)}
+    assert signal.sample(group, Reading(cpu=cpu)) == 1.0  # (0.5 + 1.5) / 2
+    clock.advance(1)
+    # server-0-0 was restarted (a new pid with little CPU yet): a baseline, not -6.4.
+    cpu = {"server-0-0": (12, 0.1), "server-0-1": (11, 3.0)}
+    assert signal.sample(group, Reading(cpu=cpu)) == 0.5
+    assert signal.sample(group, Reading()) is None
+
+
+BURN_CHILD = """
+import sys, time
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+MASTER = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BURN_CHILD!r}])"
+
+
+def test_tree_cpu_seconds_counts_the_descendants() -> None:
+    # A master that does nothing and a worker, its child, that burns 0.3 s of CPU.
+    with subprocess.Popen(
+        [sys.executable, "-c", MASTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as master:
+        assert master.stdin is not None and master.stdout is not None
+        assert master.stdout.readline() == "burnt\n"
+        assert tree_cpu_seconds([master.pid], proc="/nonexistent") == {}
+        tree = tree_cpu_seconds([master.pid, 2**22 + 1])  # the second is no process
+        assert set(tree) == {master.pid}
+        assert tree[master.pid] >= 0.3
+        master.stdin.close()
+        assert master.wait(timeout=10) == 0
+    assert tree_cpu_seconds([master.pid]) == {}  # gone
 
 
 AUTOSCALED = """

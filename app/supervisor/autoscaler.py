@@ -1,12 +1,19 @@
-"""The autoscaler: sizes each server group from the load its servers and proxy report.
+"""The autoscaler: sizes each server group from the load its proxy and processes show.
 
 Kubernetes' HPA rule: ``desired = ceil(current × observed / target)``, skipped while
 ``observed / target`` is within the tolerance, clamped to ``min``/``max`` and to the step
 limits. Against flapping, a scale-down goes only to the *highest* recommendation of the
-last ``scale_down_window`` (and a scale-up to the lowest of ``scale_up_window``). The
-signal is averaged over ``window``; no data (every server silent) holds the group as it
-is — missing data never scales down. After a manual ``lbstack scale`` the group is left
-alone for ``hold``.
+last ``scale_down_window`` (and a scale-up to the lowest of ``scale_up_window``); like the
+HPA, the history starts with the group's size at start, so a stack that has just come up
+is not shrunk before its load arrives. The signal is averaged over ``window``; no data
+holds the group as it is — missing data never scales down. After a manual
+``lbstack scale`` the group is left alone for ``hold``.
+
+The signals come from sources that every kind of server has, so a group of the user's
+own command-run servers (no admin socket, no ``/metrics``) scales like the simulated
+ones: ``in_flight`` and ``p99`` from the proxy's per-upstream figures (what it has sent
+each server and not yet had answered, and how long the answers took), ``cpu`` from
+``/proc`` for each server's process tree (the supervisor started it, so it has the pid).
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from logging import DEBUG, INFO
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -26,6 +34,7 @@ from app.config import Autoscale, GroupLayout
 from app.errors import ControlError
 from app.log import get_logger
 from app.metrics import histogram_quantile, parse
+from app.supervisor.telemetry import INSTANCE, ROLE, tree_cpu_seconds
 
 if TYPE_CHECKING:
     from app.supervisor.arbiter import Supervisor
@@ -58,11 +67,15 @@ class Decision:
 
 
 class Recommender:
-    """The decision rule for one group, with its recommendation history (pure logic)."""
+    """The decision rule for one group, with its recommendation history (pure logic).
 
-    def __init__(self, policy: Autoscale) -> None:
+    ``seed``: (time, servers) to start the history with, as the HPA does with the
+    group's size when it first sees it.
+    """
+
+    def __init__(self, policy: Autoscale, seed: tuple[float, int] | None = None) -> None:
         self.policy = policy
-        self._history: deque[tuple[float, int]] = deque()
+        self._history: deque[tuple[float, int]] = deque([seed] if seed else [])
 
     def decide(self, now: float, current: int, observed: float | None) -> Decision:
         p = self.policy
@@ -75,7 +88,10 @@ class Recommender:
         else:
             recommendation = math.ceil(current * ratio)
             reason = "load above target" if ratio > 1 else "load below target"
-        recommendation = min(max(recommendation, p.min), p.max)
+        if recommendation > p.max:
+            recommendation, reason = p.max, f"{reason}, capped at max {p.max}"
+        elif recommendation < p.min:
+            recommendation, reason = p.min, f"{reason}, floored at min {p.min}"
         self._history.append((now, recommendation))
         horizon = max(p.scale_up_window, p.scale_down_window)
         while self._history and now - self._history[0][0] > horizon:
@@ -95,6 +111,15 @@ class Recommender:
         return Decision(current, observed, p.target, recommendation, desired, reason)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What one evaluation read: the proxy's ``/metrics`` text (None: no answer) and the
+    CPU seconds of each server's process tree so far (name -> (pid, seconds))."""
+
+    proxy: str | None = None
+    cpu: Mapping[str, tuple[int, float]] | None = None
+
+
 class Signal:
     """The group's load signal, sampled every interval and averaged over the window."""
 
@@ -102,8 +127,10 @@ class Signal:
         self.policy = policy
         self._clock = clock
         self._samples: deque[tuple[float, float]] = deque()
-        self._last: dict[str, tuple[float, float]] = {}  # server -> (time, cpu seconds)
-        self._buckets: dict[float, float] | None = None
+        # server -> (pid, time, cpu seconds) at the previous reading
+        self._cpu: dict[str, tuple[int, float, float]] = {}
+        # (upstream, le) -> cumulative count at the previous reading
+        self._buckets: dict[tuple[str, float], float] | None = None
 
     def add(self, value: float | None) -> None:
         now = self._clock()
@@ -117,37 +144,76 @@ class Signal:
             return None
         return sum(v for _, v in self._samples) / len(self._samples)
 
-    def sample(self, servers: dict[str, str], proxy: str | None) -> float | None:
-        """One reading from the servers' (name -> /metrics text) and the proxy's text."""
+    def sample(self, servers: Collection[str], reading: Reading) -> float | None:
+        """One value of the signal for the group's ``servers`` from ``reading``."""
         signal = self.policy.signal
+        if signal == "cpu":
+            return None if reading.cpu is None else self._cpu_cores(servers, reading.cpu)
+        if reading.proxy is None:
+            return None
         if signal == "p99":
-            return None if proxy is None else self._p99(proxy)
-        values = []
-        now = self._clock()
-        for name, text in servers.items():
-            for metric, _, value in parse(text):
-                if signal == "in_flight" and metric == "lbstack_in_flight_requests":
-                    values.append(value)
-                elif signal == "cpu" and metric == "lbstack_process_cpu_seconds_total":
-                    last = self._last.get(name)
-                    self._last[name] = (now, value)
-                    if last is not None and now > last[0]:
-                        values.append(max(value - last[1], 0.0) / (now - last[0]))
+            return self._p99(servers, reading.proxy)
+        # The proxy's own count per upstream: exact, and there for every kind of server.
+        values = [
+            value
+            for metric, labels, value in parse(reading.proxy)
+            if metric == "lbstack_upstream_in_flight_requests" and labels.get("upstream") in servers
+        ]
         return sum(values) / len(values) if values else None
 
-    def _p99(self, proxy: str) -> float | None:
-        buckets: dict[float, float] = {}
+    def _cpu_cores(
+        self, servers: Collection[str], cpu: Mapping[str, tuple[int, float]]
+    ) -> float | None:
+        now = self._clock()
+        values = []
+        for name in servers:
+            if name not in cpu:
+                continue
+            pid, seconds = cpu[name]
+            last = self._cpu.get(name)
+            self._cpu[name] = (pid, now, seconds)
+            # A restarted server is a new process: its first reading is only a baseline.
+            if last is not None and last[0] == pid and now > last[1]:
+                values.append(max(seconds - last[2], 0.0) / (now - last[1]))
+        for gone in set(self._cpu) - set(servers):
+            del self._cpu[gone]
+        return sum(values) / len(values) if values else None
+
+    def _p99(self, servers: Collection[str], proxy: str) -> float | None:
+        counts: dict[tuple[str, float], float] = {}
         for metric, labels, value in parse(proxy):
-            if metric == "lbstack_upstream_duration_seconds_bucket":
-                le = float(labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + value
-        previous, self._buckets = self._buckets, buckets
+            if (
+                metric == "lbstack_upstream_duration_seconds_bucket"
+                and labels.get("upstream") in servers
+            ):
+                counts[(labels["upstream"], float(labels["le"]))] = value
+        previous, self._buckets = self._buckets, counts
         if previous is None:
             return None
-        delta = {le: count - previous.get(le, 0.0) for le, count in buckets.items()}
+        # Per upstream, so a server that joined or left between two readings neither
+        # adds its whole history nor takes it away; a count that went down is a counter
+        # that started over (a restarted proxy).
+        delta: dict[float, float] = {}
+        for key, count in counts.items():
+            before = previous.get(key, 0.0)
+            delta[key[1]] = delta.get(key[1], 0.0) + (count - before if count >= before else count)
         if not delta or max(delta.values()) <= 0:
-            return None  # no request in the interval: no latency to speak of
+            # The proxy answered and sent nothing: an idle group, which no one waits on.
+            # (None here would hold an idle group at its size for ever.)
+            return 0.0
         return histogram_quantile(0.99, delta)
+
+
+@dataclass
+class _Group:
+    """One autoscaled group's loop state."""
+
+    layout: GroupLayout
+    recommender: Recommender
+    signal: Signal
+    evaluations: int = 0
+    last: Decision | None = None
+    logged: tuple[str, int, int] | None = None
 
 
 class Autoscaler:
@@ -156,12 +222,17 @@ class Autoscaler:
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
         self._tasks: list[asyncio.Task[None]] = []
-        self.last: dict[str, Decision] = {}
+        self._groups: dict[str, _Group] = {}
 
     def start(self) -> None:
         for layout in self._supervisor.config.layouts():
             if layout.autoscale.enabled and layout.server.kind != "address":
-                self._tasks.append(asyncio.create_task(self._run(layout), name=layout.name))
+                seed = (time.monotonic(), len(self._supervisor.servers_in(layout.index)))
+                group = _Group(
+                    layout, Recommender(layout.autoscale, seed), Signal(layout.autoscale)
+                )
+                self._groups[layout.name] = group
+                self._tasks.append(asyncio.create_task(self._run(group), name=layout.name))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -169,52 +240,94 @@ class Autoscaler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
-    async def _run(self, layout: GroupLayout) -> None:
-        policy = layout.autoscale
-        recommender, signal = Recommender(policy), Signal(policy)
-        gauge = self._supervisor.metrics.desired_servers.labels(
-            "supervisor", "supervisor", layout.name
-        )
+    async def _run(self, group: _Group) -> None:
         while True:
-            await asyncio.sleep(policy.interval)
-            servers = self._supervisor.servers_in(layout.index)
-            signal.add(signal.sample(*await self._read(servers, layout.index)))
-            if self._supervisor.scaler.held(layout.name, policy.hold):
-                continue
-            decision = recommender.decide(time.monotonic(), len(servers), signal.observed())
-            self.last[layout.name] = decision
-            gauge.set(decision.desired)
-            if decision.desired == decision.current:
-                continue
-            log.info(
-                "%s: %s (%s %.3f, target %g): %d -> %d servers",
-                layout.name,
-                decision.reason,
-                policy.signal,
-                decision.observed or 0.0,
-                policy.target,
-                decision.current,
-                decision.desired,
+            await asyncio.sleep(group.layout.autoscale.interval)
+            await self.evaluate(group)
+
+    async def evaluate(self, group: _Group) -> None:
+        """Read the group's signal, decide, log the decision if it is news, and act."""
+        layout, policy = group.layout, group.layout.autoscale
+        supervisor = self._supervisor
+        servers = supervisor.servers_in(layout.index)
+        names = {c.name for c in servers}
+        group.signal.add(group.signal.sample(names, await self._read(layout, servers)))
+        observed = group.signal.observed()
+        if supervisor.scaler.held(layout.name, policy.hold):
+            current = len(servers)
+            decision = Decision(
+                current, observed, policy.target, current, current, "held after a manual scale"
             )
-            try:
-                await self._supervisor.scaler.scale(layout.name, decision.desired, manual=False)
-            except ControlError as exc:
-                log.error("%s: scaling to %d failed: %s", layout.name, decision.desired, exc)
+        else:
+            decision = group.recommender.decide(time.monotonic(), len(servers), observed)
+        group.evaluations += 1
+        group.last = decision
+        metrics = supervisor.metrics
+        metrics.evaluations.labels(ROLE, INSTANCE, layout.name).inc()
+        metrics.observed.labels(ROLE, INSTANCE, layout.name, policy.signal).set(
+            float("nan") if observed is None else observed
+        )
+        metrics.desired_servers.labels(ROLE, INSTANCE, layout.name).set(decision.desired)
+        self._log(group, decision)
+        if decision.desired == decision.current:
+            return
+        try:
+            await supervisor.scaler.scale(layout.name, decision.desired, manual=False)
+        except ControlError as exc:
+            log.error("%s: scaling to %d failed: %s", layout.name, decision.desired, exc)
 
-    async def _read(self, servers: list[Child], group: int) -> tuple[dict[str, str], str | None]:
-        async def text(child: Child) -> str | None:
-            if child.admin is None or child.state != "ready":
-                return None
-            try:
-                status, body = await fetch(child.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                return None
-            return body.decode() if status == 200 else None
+    def _log(self, group: _Group, decision: Decision) -> None:
+        """Each decision once: at info when its outcome differs from the previous one,
+        so a steady group logs one line, not one per interval."""
+        layout, policy = group.layout, group.layout.autoscale
+        outcome = (decision.reason, decision.current, decision.desired)
+        news = outcome != group.logged or decision.desired != decision.current
+        group.logged = outcome
+        if decision.desired != decision.current:
+            change = f"{decision.current} -> {decision.desired} servers"
+        else:
+            change = f"stays at {decision.current} servers"
+        observed = "none" if decision.observed is None else f"{decision.observed:.3f}"
+        log.log(
+            INFO if news else DEBUG,
+            "%s: %s (%s %s, target %g): %s",
+            layout.name,
+            decision.reason,
+            policy.signal,
+            observed,
+            policy.target,
+            change,
+        )
 
-        proxy = self._supervisor.children.get(f"proxy-{group}")
-        texts = await asyncio.gather(*(text(c) for c in servers))
-        proxy_text = None if proxy is None else await text(proxy)
-        return {c.name: t for c, t in zip(servers, texts, strict=True) if t is not None}, proxy_text
+    async def _read(self, layout: GroupLayout, servers: list[Child]) -> Reading:
+        if layout.autoscale.signal == "cpu":
+            pids = {c.name: c.pid for c in servers if c.pid is not None and c.state == "ready"}
+            seconds = await asyncio.to_thread(tree_cpu_seconds, list(pids.values()))
+            cpu = {name: (pid, seconds[pid]) for name, pid in pids.items() if pid in seconds}
+            return Reading(cpu=cpu)
+        proxy = self._supervisor.children.get(layout.name)
+        if proxy is None or proxy.admin is None or proxy.state != "ready":
+            return Reading()
+        try:
+            status, body = await fetch(proxy.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return Reading()
+        return Reading(proxy=body.decode() if status == 200 else None)
 
     def status(self) -> dict[str, Any]:
-        return {group: decision.as_dict() for group, decision in self.last.items()}
+        """Per autoscaled group: its signal, how many evaluations so far, the last decision."""
+        answer: dict[str, Any] = {}
+        for name, group in self._groups.items():
+            policy = group.layout.autoscale
+            entry: dict[str, Any] = {
+                "signal": policy.signal,
+                "target": policy.target,
+                "tolerance": policy.tolerance,
+                "min": policy.min,
+                "max": policy.max,
+                "evaluations": group.evaluations,
+            }
+            if group.last is not None:
+                entry.update(group.last.as_dict())
+            answer[name] = entry
+        return answer
