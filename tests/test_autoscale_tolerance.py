@@ -1,0 +1,109 @@
+"""On the real stack: a steady load whose signal sits inside target ± tolerance leaves
+the group alone, evaluation after evaluation."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from app.address import Address
+from app.client import fetch, fetch_json
+from tests.harness import Stack, running_stack, statuses, steady_load, until
+
+WORKERS = 10
+TARGET = 4.0
+TOLERANCE = 0.3
+EVALUATIONS = 12  # evaluation periods watched once the signal is in the band
+
+# Two servers at 200 ms: ten clients keep close to five requests in flight on each
+# (the rest of a request's time is the hops), above the target of 4 but inside the band
+# of 4 ± 30 %. Without the band, ceil(2 × 5 / 4) = 3 would add a server at once (no
+# scale-up window); the short scale-down window would shrink a group that is too big.
+STEADY = f"""
+proxies = 1
+servers_per_proxy = 2
+[server.simulation]
+latency = "200ms"
+[proxy]
+slow_start = "200ms"
+[proxy.health]
+interval = "200ms"
+[autoscale]
+enabled = true
+min = 1
+max = 4
+target = {TARGET}
+tolerance = {TOLERANCE}
+interval = "300ms"
+window = "1s"
+scale_up_window = "0s"
+scale_down_window = "3s"
+max_step_up = 2
+"""
+
+
+async def _autoscale(stack: Stack) -> dict[str, Any]:
+    """The supervisor's view of proxy-0's autoscaling (what ``lbstack status`` prints)."""
+    control = Address.unix(str(stack.run_dir / "control.sock"))
+    status, body = await fetch_json(control, "/status")
+    assert status == 200, body
+    return dict(body["autoscale"]["proxy-0"])
+
+
+async def _scale_events(stack: Stack) -> dict[str, float]:
+    _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
+    events = {}
+    for line in raw.decode().splitlines():
+        if line.startswith("lbstack_scale_events_total{") and 'group="proxy-0"' in line:
+            direction = line.split('direction="')[1].split('"')[0]
+            events[direction] = float(line.rsplit(" ", 1)[1])
+    return events
+
+
+async def test_steady_load_inside_the_tolerance_causes_no_scale_event() -> None:
+    async with running_stack(config=STEADY) as stack:
+        assert await _scale_events(stack) == {"up": 0.0, "down": 0.0}
+        async with steady_load(stack, workers=WORKERS, path="/steady") as seen:
+
+            async def in_band() -> bool:
+                view = await _autoscale(stack)
+                return view.get("reason") == "within tolerance"
+
+            await until(in_band, "the signal to settle inside the tolerance band", timeout=30)
+            start = (await _autoscale(stack))["evaluations"]
+            readings: list[float] = []
+
+            async def watched() -> bool:
+                view = await _autoscale(stack)
+                assert view["reason"] == "within tolerance", view
+                assert view["current"] == view["desired"] == 2, view
+                readings.append(view["observed"])
+                return bool(view["evaluations"] >= start + EVALUATIONS)
+
+            await until(watched, f"{EVALUATIONS} more evaluations", timeout=60)
+            status = await stack.status()
+        servers = [c["name"] for c in status["components"] if c["role"] == "server"]
+        assert servers == ["server-0-0", "server-0-1"]
+        assert await _scale_events(stack) == {"up": 0.0, "down": 0.0}
+        view = status["autoscale"]["proxy-0"]
+        assert view["signal"] == "in_flight" and view["evaluations"] >= start + EVALUATIONS
+        # Inside the band, and above the target: without the band the group would grow.
+        assert all(TARGET * (1 - TOLERANCE) <= r <= TARGET * (1 + TOLERANCE) for r in readings)
+        assert max(readings) > TARGET, readings
+        _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
+        evaluations = next(
+            float(line.rsplit(" ", 1)[1])
+            for line in raw.decode().splitlines()
+            if line.startswith("lbstack_autoscale_evaluations_total{")
+        )
+        assert evaluations >= start + EVALUATIONS
+        # Logged once, not once per evaluation, and never a step.
+        decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]
+        steady = [line for line in decisions if "within tolerance" in line]
+        assert len(steady) == 1, decisions
+        inputs = re.search(r"\(in_flight (\d+\.\d{3}), target 4\): stays at 2 servers$", steady[0])
+        assert inputs is not None, steady
+        assert TARGET * (1 - TOLERANCE) <= float(inputs[1]) <= TARGET * (1 + TOLERANCE)
+        assert decisions[-1] == steady[0], decisions
+        assert not [line for line in decisions if " -> " in line], decisions
+    assert statuses(seen) == {"200"}, seen
