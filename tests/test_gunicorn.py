@@ -1,0 +1,433 @@
+"""app/gunicorn.py and deploy/gunicorn/: a tier run by gunicorn instead of ``lbstack up``.
+
+The settings (``LBSTACK_*``) are checked in-process; then a real stack provides the
+proxies and servers, and a balancer tier under gunicorn (2 workers, the deploy config
+as it is) serves through them: its socket mode, each worker's admin socket, the metrics
+summed over the workers, a killed worker replaced and its metrics files marked dead, a
+graceful stop. A proxy tier under gunicorn serves the stack's servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from app.address import Address
+from app.client import fetch, fetch_json, probe
+from app.errors import ConfigError
+from app.gunicorn import TierSettings, parse_upstreams
+from app.metrics import parse
+from tests.harness import Stack, running_stack, short_tmpdir, until
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "deploy" / "gunicorn" / "gunicorn.conf.py"
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+REQUESTS = 40  # of each method, per batch: bounded
+ADMIN = re.compile(r"(?P<name>.+)-(?P<pid>\d+)\.admin\.sock")
+
+
+# -- settings -------------------------------------------------------------------------
+
+
+def _settings(**env: str) -> TierSettings:
+    return TierSettings.from_env(env)
+
+
+def _problems(**env: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        TierSettings.from_env(env)
+    return caught.value.problems
+
+
+def test_a_balancer_defaults_to_the_stack_proxies_of_its_config(tmp_path: Path) -> None:
+    config = tmp_path / "lbstack.toml"
+    config.write_text('run_dir = "/run/lbstack"\nproxies = 3\n')
+    settings = _settings(LBSTACK_TIER="balancer", LBSTACK_CONFIG=str(config))
+    assert [(u.name, str(u.address), str(u.admin)) for u in settings.upstreams] == [
+        (
+            f"proxy-{p}",
+            f"unix:/run/lbstack/proxy-{p}.sock",
+            f"unix:/run/lbstack/proxy-{p}.admin.sock",
+        )
+        for p in range(3)
+    ]
+    assert settings.name == "balancer"
+    assert settings.app_uri == "app.gunicorn:balancer_app"
+    assert str(settings.default_bind) == "unix:/run/lbstack/balancer.sock"
+    assert str(settings.admin(42)) == "unix:/run/lbstack/balancer-42.admin.sock"
+
+
+def test_upstreams_name_themselves_or_are_named() -> None:
+    upstreams, problems = parse_upstreams(
+        "unix:/run/x/proxy-0.sock\n"
+        "  app-1=tcp://127.0.0.1:8001,health_path=/ping "
+        "app-2=unix:/srv/app.sock,admin=unix:/srv/app.admin.sock"
+    )
+    assert problems == []
+    assert [
+        (u.name, str(u.address), u.admin and str(u.admin), u.health_path) for u in upstreams
+    ] == [
+        ("proxy-0", "unix:/run/x/proxy-0.sock", "unix:/run/x/proxy-0.admin.sock", "/healthz"),
+        ("app-1", "tcp://127.0.0.1:8001", None, "/ping"),
+        ("app-2", "unix:/srv/app.sock", "unix:/srv/app.admin.sock", "/healthz"),
+    ]
+    settings = _settings(
+        LBSTACK_TIER="proxy", LBSTACK_NAME="edge-proxy", LBSTACK_UPSTREAMS="a=unix:/a.sock"
+    )
+    assert settings.app_uri == "app.gunicorn:proxy_app"
+    assert settings.name == "edge-proxy"
+    assert [u.name for u in settings.upstreams] == ["a"]
+
+
+def test_bad_settings_name_the_variable_what_was_expected_and_found(tmp_path: Path) -> None:
+    assert _problems(LBSTACK_TIER="server") == [
+        "LBSTACK_TIER: expected 'balancer' or 'proxy', found 'server'"
+    ]
+    assert _problems(LBSTACK_TIER="proxy") == [
+        "LBSTACK_UPSTREAMS: expected the proxy's servers, "
+        "e.g. 'server-0=unix:/run/app/0.sock', found nothing"
+    ]
+    too_long = f"/{'d' * 100}/no/slash-4194304.admin.sock"
+    problems = _problems(
+        LBSTACK_TIER="balancer",
+        LBSTACK_NAME="no/slash",
+        LBSTACK_UPSTREAMS="a=http://x b=unix:/b.sock,weight=2 tcp://127.0.0.1:1 "
+        "c=unix:/c c=unix:/d",
+        LBSTACK_ADMIN_DIR="/" + "d" * 100,
+    )
+    assert problems == [
+        "LBSTACK_NAME: expected a name of letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit, found 'no/slash'",
+        f"LBSTACK_ADMIN_DIR: unix socket path is {len(too_long)} bytes, longer than "
+        f"the 107-byte limit: {too_long!r} (use a shorter run dir)",
+        "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path' or 'tcp://host:port', "
+        "found 'http://x'",
+        "LBSTACK_UPSTREAMS[1]: expected admin=ADDRESS or health_path=PATH after the address, "
+        "found 'weight=2'",
+        "LBSTACK_UPSTREAMS[2]: expected NAME=ADDRESS (only a unix:/dir/NAME.sock names "
+        "itself), found 'tcp://127.0.0.1:1'",
+        "LBSTACK_UPSTREAMS: expected each name once, found 'c' 2 times",
+    ]
+    config = tmp_path / "lbstack.toml"
+    config.write_text("[proxy.timeouts]\nclient_keepalive = 10\n")
+    assert _problems(
+        LBSTACK_TIER="proxy", LBSTACK_CONFIG=str(config), LBSTACK_UPSTREAMS="a=unix:/a.sock"
+    ) == [
+        "proxy.timeouts.client_keepalive: expected longer than balancer.timeouts.pool_idle "
+        "(15s), found 10s"
+    ]
+    config.write_text('[balancer]\npolicy = "fastest"\n')
+    assert _problems(LBSTACK_TIER="balancer", LBSTACK_CONFIG=str(config)) == [
+        f"{config}: balancer.policy: expected: input should be 'round_robin', "
+        "'least_outstanding' or 'p2c_ewma'; found 'fastest'"
+    ]
+
+
+async def test_gunicorn_refuses_a_bad_setting_before_any_worker_starts() -> None:
+    base = short_tmpdir()
+    try:
+        env = _env(base, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS="proxy-0=nowhere")
+        process = await asyncio.create_subprocess_exec(
+            str(GUNICORN),
+            "-c",
+            str(CONF),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
+        assert process.returncode == 2, err.decode()
+        assert (
+            "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path' or 'tcp://host:port', "
+            "found 'nowhere'"
+        ) in err.decode()
+        assert "Booting worker" not in err.decode()
+    finally:
+        _rmtree(base)
+
+
+# -- a tier under gunicorn --------------------------------------------------------------
+
+
+@dataclass
+class Tier:
+    """A running ``gunicorn -c deploy/gunicorn/gunicorn.conf.py``."""
+
+    process: asyncio.subprocess.Process
+    socket: Path
+    admin_dir: Path
+    metrics_dir: Path
+    log: Path
+
+    def workers(self) -> dict[int, Address]:
+        """The workers' admin sockets, by pid."""
+        found = {}
+        for path in self.admin_dir.glob("*.admin.sock"):
+            match = ADMIN.fullmatch(path.name)
+            if match:
+                found[int(match["pid"])] = Address.unix(str(path))
+        return found
+
+    async def ready_workers(self) -> dict[int, Address]:
+        return {pid: a for pid, a in self.workers().items() if await probe(a, "/readyz")}
+
+    def session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            base_url="http://localhost", connector=aiohttp.UnixConnector(path=str(self.socket))
+        )
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _env(base: Path, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LBSTACK_", "PROMETHEUS"))}
+    return {**clean, "PYTHONUNBUFFERED": "1", "LBSTACK_ADMIN_DIR": str(base / "adm"), **env}
+
+
+@contextlib.asynccontextmanager
+async def running_tier(workers: int, **env: str) -> AsyncIterator[Tier]:
+    """gunicorn with the deploy config and ``env``, until its workers are all ready."""
+    base = short_tmpdir()
+    socket, log, metrics_dir = base / "tier.sock", base / "gunicorn.log", base / "prom"
+    full_env = _env(base, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **env)
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            str(GUNICORN),
+            "-c",
+            str(CONF),
+            "--bind",
+            f"unix:{socket}",
+            "--workers",
+            str(workers),
+            env=full_env,
+            cwd=base,  # nothing found by accident in the current directory
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    tier = Tier(process, socket, base / "adm", metrics_dir, log)
+    try:
+
+        async def all_ready() -> bool:
+            assert tier.process.returncode is None, tier.logs()
+            return len(await tier.ready_workers()) == workers
+
+        await until(all_ready, f"{workers} ready workers", START_TIMEOUT)
+        yield tier
+    finally:
+        if tier.process.returncode is None:
+            tier.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(tier.process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                tier.process.kill()
+                await tier.process.wait()
+        _rmtree(base)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _proxy_sockets(stack: Stack) -> str:
+    return " ".join(f"unix:{stack.run_dir / f'proxy-{p}.sock'}" for p in range(2))
+
+
+async def _requests(tier: Tier, count: int) -> Counter[str]:
+    """``count`` GETs and ``count`` POSTs (bodies checked), 8 at a time; outcomes counted."""
+    seen: Counter[str] = Counter()
+    gate = asyncio.Semaphore(8)
+
+    async def one(client: aiohttp.ClientSession, i: int) -> None:
+        body = f"post {i} ".encode() * 100
+        async with gate:
+            if i % 2:
+                async with client.get(f"/get/{i}") as response:
+                    echo = await response.json()
+                    ok = response.status == 200 and echo["method"] == "GET"
+            else:
+                async with client.post(f"/post/{i}", data=body) as response:
+                    echo = await response.json()
+                    ok = response.status == 200 and echo["body_sha256"] == _sha256(body)
+            served = response.headers.get("X-Served-By", "")
+            seen["ok" if ok and served.startswith("server-") else f"bad:{response.status}"] += 1
+
+    async with tier.session() as client:
+        await asyncio.gather(*(one(client, i) for i in range(2 * count)))
+    return seen
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+async def _requests_total(admin: Address) -> float:
+    """The tier's answered requests, as one worker's /metrics reports them."""
+    status, body = await fetch(admin, "/metrics")
+    assert status == 200, body
+    return sum(
+        value for name, labels, value in parse(body.decode()) if name == "lbstack_requests_total"
+    )
+
+
+def _metric_files(tier: Tier, pid: int) -> Iterator[str]:
+    for path in tier.metrics_dir.glob(f"*_{pid}.db"):
+        yield path.name
+
+
+async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers() -> None:
+    async with (
+        running_stack() as stack,
+        running_tier(2, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS=_proxy_sockets(stack)) as tier,
+    ):
+        # The data socket: owner and group only (gunicorn alone would make it 0777).
+        assert stat.S_IMODE(tier.socket.stat().st_mode) == 0o660
+        workers = tier.workers()
+        assert len(workers) == 2
+        assert {pid for pid in workers} == {child for child in _children(tier.process.pid)}, (
+            "one admin socket per worker, named by its pid"
+        )
+        for address in workers.values():
+            assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o600
+            status, view = await fetch_json(address, "/status")
+            assert status == 200, view
+            assert (view["name"], view["role"]) == ("balancer", "balancer")
+            status, listed = await fetch_json(address, "/upstreams")
+            assert status == 200, listed
+            assert sorted(u["name"] for u in listed["upstreams"]) == ["proxy-0", "proxy-1"]
+            assert await probe(address, "/healthz")
+
+        assert await _requests(tier, REQUESTS) == Counter(ok=2 * REQUESTS)
+        # Each worker answers for the whole tier: the counts of both summed.
+        for address in workers.values():
+            assert await _requests_total(address) == 2 * REQUESTS
+        assert not (tier.admin_dir / "gunicorn.ctl").exists()
+
+        # Kill a worker under load: gunicorn replaces it, its live gauges leave the sums
+        # (child_exit), its counts stay in them, and nothing is refused meanwhile.
+        victim, survivor = sorted(workers)
+        assert any(f.startswith("gauge_livesum_") for f in _metric_files(tier, victim))
+        seen: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async with tier.session() as client:
+                for _ in range(20_000):  # bounded; normally ended by ``stop``
+                    if stop.is_set():
+                        return
+                    try:
+                        async with client.get("/during") as response:
+                            await response.read()
+                            seen[str(response.status)] += 1
+                    except aiohttp.ClientConnectorError:
+                        seen["refused"] += 1
+                    except aiohttp.ClientError:
+                        seen["failed"] += 1
+
+        loaders = [asyncio.create_task(load()) for _ in range(4)]
+        try:
+            await until(lambda: _answered(seen, 20), "requests before the kill")
+            os.kill(victim, signal.SIGKILL)
+
+            async def replaced() -> bool:
+                ready = await tier.ready_workers()
+                return victim not in ready and len(ready) == 2
+
+            await until(replaced, "a replacement worker", START_TIMEOUT)
+            before = seen["200"]
+            await until(lambda: _answered(seen, before + 20), "requests after the kill")
+        finally:
+            stop.set()
+            await asyncio.gather(*loaders)
+        assert seen["refused"] == 0, seen
+        # Only requests in flight on the killed worker may fail: at most one per loader.
+        assert seen["failed"] <= len(loaders), seen
+        assert set(seen) <= {"200", "failed"}, seen
+
+        files = set(_metric_files(tier, victim))
+        assert not any(f.startswith("gauge_live") for f in files), files
+        assert any(f.startswith("counter_") for f in files), files
+        assert victim not in tier.workers(), "the dead worker's admin socket is removed"
+        [newcomer] = set(tier.workers()) - {survivor}
+        total = await _requests_total(tier.workers()[newcomer])
+        assert total >= 2 * REQUESTS + seen["200"], "the dead worker's counts are kept"
+        assert await _requests(tier, REQUESTS // 4) == Counter(ok=2 * (REQUESTS // 4))
+        assert "was sent SIGKILL" in tier.logs()
+
+        # A graceful stop: workers drain, admin sockets and the data socket go away.
+        tier.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(tier.process.wait(), STOP_TIMEOUT) == 0, tier.logs()
+        assert list(tier.admin_dir.glob("*.admin.sock")) == []
+        assert not tier.socket.exists()
+        assert "draining" in tier.logs()
+
+
+async def _answered(seen: Counter[str], count: int) -> bool:
+    return seen["200"] >= count
+
+
+def _children(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children()]
+
+
+async def test_a_proxy_tier_serves_its_servers_under_gunicorn() -> None:
+    async with running_stack("--proxies", "1", "--servers-per-proxy", "2") as stack:
+        servers = " ".join(f"unix:{stack.run_dir / f'server-0-{s}.sock'}" for s in range(2))
+        async with running_tier(
+            1, LBSTACK_TIER="proxy", LBSTACK_NAME="proxy-g", LBSTACK_UPSTREAMS=servers
+        ) as tier:
+            assert await _requests(tier, 10) == Counter(ok=20)
+            [admin] = tier.workers().values()
+            status, view = await fetch_json(admin, "/status")
+            assert (status, view["name"], view["role"]) == (200, "proxy-g", "proxy")
+            metrics = (await fetch(admin, "/metrics"))[1].decode()
+            served = {
+                labels["upstream"]
+                for name, labels, value in parse(metrics)
+                if name == "lbstack_upstream_requests_total" and value > 0
+            }
+            assert served == {"server-0-0", "server-0-1"}
+
+
+async def test_gunicorn_refuses_to_take_a_live_socket_over() -> None:
+    async with (
+        running_stack() as stack,
+        running_tier(1, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS=_proxy_sockets(stack)) as tier,
+    ):
+        base = short_tmpdir()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                str(GUNICORN),
+                "-c",
+                str(CONF),
+                "--bind",
+                f"unix:{tier.socket}",
+                env=_env(base, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS=_proxy_sockets(stack)),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
+            assert process.returncode == 1, err.decode()
+            assert f"a live server is already listening on {tier.socket}" in err.decode()
+            # ... and the first one still serves on it.
+            assert await _requests(tier, 2) == Counter(ok=4)
+        finally:
+            _rmtree(base)
