@@ -19,6 +19,7 @@ import uvloop
 from aiohttp import web
 
 from app import balancer, proxy, server
+from app.admin import DATA_SERVER
 from app.component import ChildSpec, Component, Role
 from app.httpserver import DataServer
 from app.log import get_logger, setup
@@ -31,6 +32,7 @@ ROLES: dict[Role, Callable[[ChildSpec], Component]] = {
 }
 PR_SET_PDEATHSIG = 1
 ADMIN_KEEPALIVE = 30.0
+DRAIN_POLL = 0.05
 
 log = get_logger("child")
 
@@ -47,18 +49,20 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 async def serve(spec: ChildSpec, component: Component) -> None:
-    """Serve until SIGTERM, then drain: stop accepting, finish in-flight, close."""
+    """Serve until SIGTERM, then drain (see ``drain``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    server = DataServer(component.handler, **component.server_options)
+    component.admin[DATA_SERVER] = server
     admin = web.AppRunner(
         component.admin, access_log=None, keepalive_timeout=ADMIN_KEEPALIVE, shutdown_timeout=1.0
     )
     await admin.setup()  # opens the component's resources (cleanup_ctx)
+    settings = spec.config.supervisor
     data = web.ServerRunner(
-        DataServer(component.handler, **component.server_options),
-        shutdown_timeout=spec.config.supervisor.graceful_timeout,
+        server, shutdown_timeout=settings.graceful_timeout - settings.drain_window
     )
     await data.setup()
     for fd in spec.listen_fds:
@@ -68,10 +72,41 @@ async def serve(spec: ChildSpec, component: Component) -> None:
     log.debug("serving %d data socket(s)", len(spec.listen_fds))
 
     await stop.wait()
-    log.info("SIGTERM: draining in-flight requests")
-    await data.cleanup()
+    await drain(server, data, settings.drain_window)
     await admin.cleanup()
     log.info("stopped")
+
+
+async def drain(server: DataServer, data: web.ServerRunner, window: float) -> None:
+    """Stop without failing a request: the graceful half of SIGTERM.
+
+    1. Draining: /readyz says 503 and every response says ``Connection: close``.
+    2. Stop accepting. The listening sockets are shared (with the supervisor, and
+       during a reload with our successor), so a connection not yet accepted is
+       the successor's, never lost.
+    3. For up to ``window``: wait for the connections to go away. Routers close their
+       idle pooled connections to us themselves (the supervisor asks them to), busy
+       ones close after their response; an idle connection is never closed under a
+       client that may be reusing it.
+    4. Then aiohttp's shutdown: close what is idle, give in-flight requests the rest
+       of the graceful timeout, cancel what is left.
+    """
+    server.drain()
+    log.info("SIGTERM: draining (%d connections, %d busy)", len(server.connections), server.busy)
+    for site in list(data.sites):
+        await site.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window
+    # Polled: aiohttp signals no event when its last connection goes.
+    while server.connections and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL)
+    if server.connections:
+        log.info(
+            "closing %d connection(s) after the drain window (%d busy)",
+            len(server.connections),
+            server.busy,
+        )
+    await data.cleanup()
 
 
 def main() -> None:

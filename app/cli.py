@@ -27,6 +27,7 @@ from app.rundir import RunDir
 from app.supervisor.arbiter import Supervisor
 
 FAULT_FLAGS = ("hang", "crash", "clear")
+CONTROL_TIMEOUT = 900.0  # a rolling restart of a big stack takes a while
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +99,29 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(verb, help=text)
         _run_dir_option(command)
         command.add_argument("name", help="e.g. server-0-2 or proxy-1")
+
+    reload = commands.add_parser(
+        "reload",
+        help="re-read the config and replace the children it changed (same as SIGHUP)",
+        description="An invalid config, or a change that needs a restart of the stack, is "
+        "refused (exit 2 or 1) and the stack keeps running as it was.",
+    )
+    _run_dir_option(reload)
+    restart = commands.add_parser(
+        "restart",
+        help="replace children one at a time, new before old, losing no request",
+    )
+    _run_dir_option(restart)
+    restart.add_argument(
+        "--rolling",
+        action="store_true",
+        required=True,
+        help="one child at a time (the only kind: to restart everything at once, stop the "
+        "stack and start it)",
+    )
+    restart.add_argument(
+        "names", nargs="*", metavar="NAME", help="only these components (default: every one)"
+    )
     return parser
 
 
@@ -128,7 +152,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = configuration.load(args.config, _overrides(args))
     setup(config.supervisor.log_level, "supervisor")
     _raise_open_files_limit()
-    return uvloop.run(Supervisor(config).run())
+    overrides = _overrides(args)
+    supervisor = Supervisor(config, source=lambda: configuration.load(args.config, overrides))
+    return uvloop.run(supervisor.run())
 
 
 def _raise_open_files_limit() -> None:
@@ -255,18 +281,29 @@ async def _fault(args: argparse.Namespace) -> int:
 
 
 async def _membership(args: argparse.Namespace) -> int:
-    """``lbstack scale``, ``drain`` and ``undrain``: one POST to the control socket."""
+    """``lbstack scale``, ``drain``, ``undrain``, ``reload`` and ``restart``: one POST to
+    the control socket, answered once the change is done."""
+    body: dict[str, Any]
     if args.command == "scale":
         path, body = "/scale", {"group": args.group, "servers": args.servers}
+    elif args.command == "reload":
+        path, body = "/reload", {}
+    elif args.command == "restart":
+        path, body = "/restart", {"names": args.names}
     else:
         path, body = f"/{args.command}", {"name": args.name}
     control = _control(args)
     try:
-        code, answer = await fetch_json(control, path, method="POST", body=body, timeout=120.0)
+        code, answer = await fetch_json(
+            control, path, method="POST", body=body, timeout=CONTROL_TIMEOUT
+        )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
     if code != 200:
-        raise ControlError(answer.get("error", answer) if isinstance(answer, dict) else answer)
+        message = answer.get("error", answer) if isinstance(answer, dict) else answer
+        if code == 422:  # the new config is invalid
+            raise ConfigError(list(answer.get("problems") or [message]))
+        raise ControlError(message)
     print(json.dumps(answer))
     return 0
 

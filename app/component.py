@@ -45,6 +45,7 @@ class ChildSpec(BaseModel):
     listen_fds: tuple[int, ...]
     admin_fd: int
     upstreams: tuple[UpstreamSpec, ...] = ()
+    peers: tuple[AddressField, ...] = ()  # the other balancers' admin sockets (load exchange)
     parent_pid: int = 0  # the supervisor; the child exits when it goes away
     config: Config
 

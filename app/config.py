@@ -426,6 +426,12 @@ class Config(Model):
                     isinstance(merged_group, Mapping)
                     and isinstance(base, Mapping)
                     and isinstance(merged_group.get(table, {}), Mapping)
+    drain_window: Duration = Field(
+        2.0,
+        description="Part of graceful_timeout a stopping child keeps its idle keep-alive "
+        "connections open, answering any request on them with Connection: close, before "
+        "closing them.",
+    )
                 ):
                     top = merged_group.get(table, {})
                     merged_group = {**merged_group, table: _deep_merge(base, top)}
@@ -439,6 +445,16 @@ class Config(Model):
                 {"proxies": data["proxies"], "n": len(groups)},
             )
         if groups:
+    @model_validator(mode="after")
+    def _drain_within_grace(self) -> SupervisorConfig:
+        if self.drain_window >= self.graceful_timeout:
+            raise PydanticCustomError(
+                "drain_window",
+                "drain_window: expected less than graceful_timeout ({graceful}s), found {found}s",
+                {"graceful": self.graceful_timeout, "found": self.drain_window},
+            )
+        return self
+
             merged["proxies"] = len(groups)
         return merged
 

@@ -312,21 +312,26 @@ class _Link:
         """Keep no connection alive: close the idle ones now, the others as their
         request ends (aiohttp's ``force_close``, switched on at runtime; a request sent
         meanwhile says ``Connection: close``). The upstream sees clean closes."""
-        connector = None if self.session is None else self.session.connector
-        if connector is None:
-            return
-        connector._force_close = True
-        idle = list(connector._conns.values())
-        connector._conns.clear()
-        for connections in idle:
-            for protocol, _ in connections:
-                protocol.close()
+        if self.session is not None:
+            _stop_pooling(self.session)
 
     def resume_pooling(self) -> None:
         """Keep connections alive again (undone ``stop_pooling``)."""
         connector = None if self.session is None else self.session.connector
         if connector is not None:
             connector._force_close = False
+
+
+def _stop_pooling(session: aiohttp.ClientSession) -> None:
+    connector = session.connector
+    if connector is None:
+        return
+    connector._force_close = True
+    idle = list(connector._conns.values())
+    connector._conns.clear()
+    for connections in idle:
+        for protocol, _ in connections:
+            protocol.close()
 
 
 def _is_in(upstream: Upstream) -> bool:
@@ -516,6 +521,41 @@ class Forwarder:
             self._links[upstream].stop_pooling()
             log.info("upstream %s draining (%d in flight)", name, upstream.in_flight)
         return upstream
+
+    def recycle(self, name: str) -> Upstream:
+        """New connections to ``name`` from now on; the pooled ones end cleanly.
+
+        For an upstream whose process is being replaced behind the same address: the
+        old process stops accepting, so every new connection reaches its successor. The
+        old pool closes its idle connections now (we close them, so no request can race
+        the close) and each busy one after its response; it is closed once empty.
+        """
+        upstream = self._get(name)
+        link = self._links[upstream]
+        old = link.session
+        if old is None:
+            return upstream
+        link.session = self._new_session(upstream.address)
+        if upstream.draining:
+            link.stop_pooling()
+        _stop_pooling(old)
+        task = asyncio.create_task(self._close_when_free(old), name=f"recycle {name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("upstream %s: new connections from now on", name)
+        return upstream
+
+    async def _close_when_free(self, session: aiohttp.ClientSession) -> None:
+        """Close a recycled pool once no request uses it (or after ``retire_timeout``)."""
+        connector = session.connector
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retire_timeout
+        try:
+            # Polled, like _retire: the hot path keeps no count of its own for this.
+            while connector is not None and connector._acquired and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(_RETIRE_POLL)
+        finally:
+            await session.close()
 
     def undrain(self, name: str) -> Upstream:
         """Route to ``name`` again, with slow start (once it is healthy)."""

@@ -41,6 +41,7 @@ from app.config import TierConfig
 from app.log import get_logger
 from app.metrics import UpstreamMetrics
 from app.routing.upstream import Upstream
+from app.admin import DRAINING_HEADER
 
 log = get_logger("health")
 
@@ -252,11 +253,18 @@ class HealthMonitor:
     def check_target(upstream: Upstream) -> tuple[Address, str]:
         """Where ``upstream`` is probed: its admin's /readyz, else its own health path."""
         if upstream.admin is not None:
+                if DRAINING_HEADER in response.headers:
+                    # It is stopping: out now, before it closes its idle connections.
+                    self.record_check(upstream, False, f"{path}: draining", immediate=True)
+                    return False
             return upstream.admin, READY_PATH
         return upstream.address, upstream.health_path
 
-    def record_check(self, upstream: Upstream, passed: bool, problem: str = "") -> None:
-        """Apply one check result with rise/fall hysteresis (ignored once removed)."""
+    def record_check(
+        self, upstream: Upstream, passed: bool, problem: str = "", *, immediate: bool = False
+    ) -> None:
+        """Apply one check result with rise/fall hysteresis (ignored once removed);
+        ``immediate``: a failure that needs no ``fall`` repeats."""
         track = self._tracks.get(upstream)
         if track is None:
             return
@@ -271,7 +279,7 @@ class HealthMonitor:
             track.passes = 0
             track.fails += 1
             track.problem = problem
-            if upstream.healthy and track.fails >= self._health.fall:
+            if upstream.healthy and (immediate or track.fails >= self._health.fall):
                 upstream.healthy = False
                 self.refresh()
 

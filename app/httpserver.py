@@ -5,6 +5,11 @@ balancer's and proxies' data sockets have no reserved paths, and skipping the ro
 saves work on every request. The request handler class maps aiohttp's parse errors to
 the right status: an oversized header line or too many headers is 431, not 400, and a
 client's bad request is logged briefly instead of with a traceback.
+
+Draining (a stopping process): every response from then on says ``Connection: close``
+and its connection closes after it, so the pools of the routers in front of us never
+reuse a connection we are about to close. aiohttp decides keep-alive once per
+response, from ``request.keep_alive``; our requests answer it at that moment.
 """
 
 from __future__ import annotations
@@ -52,11 +57,44 @@ class _RequestHandler(RequestHandler):
         return response
 
 
+class _Request(web.BaseRequest):
+    """A request whose keep-alive also ends when its server starts draining."""
+
+    @property
+    def keep_alive(self) -> bool:
+        if self._message.should_close:
+            return False
+        manager = None if self._protocol is None else self._protocol._manager
+        return not (isinstance(manager, DataServer) and manager.draining)
+
+
 class DataServer(web.Server):
-    """``web.Server`` whose connections use our request handler."""
+    """``web.Server`` whose connections use our request handler and requests."""
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, request_factory=self._request, **kwargs)
+        self.draining = False
 
     def __call__(self) -> RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def _request(
+        self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+    ) -> _Request:
+        return _Request(message, payload, protocol, writer, task, self._loop)
+
+    def drain(self) -> None:
+        """From now on, close each connection after its current or next response.
+
+        Idle connections stay open meanwhile: closing one races a client that is
+        reusing it. ``close_idle`` closes those still idle when the drain window ends.
+        """
+        self.draining = True
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress."""
+        return sum(1 for c in self.connections if c._request_in_progress)
 
 
 def server_options(

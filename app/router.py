@@ -172,6 +172,7 @@ def _refused(problems: list[Problem]) -> web.Response:
         f"{p['field']}: expected {p['expected']}, found {p['found']}" for p in problems
     )
     log.info("refused an upstream: %s", message)
+    recycle = acting(forwarder.recycle)
     return web.json_response(
         {"error": f"invalid upstream: {message}", "problems": problems}, status=400
     )
@@ -179,3 +180,4 @@ def _refused(problems: list[Problem]) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+        web.post("/upstreams/{name}/recycle", recycle),

@@ -39,9 +39,17 @@ class RunDir:
         """The admin socket of any child (``balancer-0.admin.sock`` ...)."""
         return self._unix(f"{name}.admin.sock")
 
+    def successor_admin(self, name: str) -> Address:
+        """Where a reload's new ``name`` answers until it takes over ``admin(name)``."""
+        return self._unix(f"{name}.next.admin.sock")
+
+    def retiring_admin(self, name: str) -> Address:
+        """Where the old ``name`` still answers while it drains after a handover."""
+        return self._unix(f"{name}.old.admin.sock")
+
     def check_length(self, longest_name: str) -> None:
         """Refuse a run dir whose socket paths would not fit in sun_path."""
-        longest = str(self.path / f"{longest_name}.admin.sock")
+        longest = str(self.path / f"{longest_name}.next.admin.sock")
         if len(longest.encode()) > UNIX_PATH_MAX:
             raise ConfigError(
                 [

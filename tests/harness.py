@@ -120,22 +120,27 @@ async def cli(*args: str, timeout: float = 30.0) -> CliResult:
 
 @contextlib.asynccontextmanager
 async def steady_load(
-    stack: Stack, workers: int = 6, path: str = "/load"
+    stack: Stack, workers: int = 6, path: str = "/load", *, posts: bool = False
 ) -> AsyncIterator[Counter[str]]:
-    """GETs through the balancer, ``workers`` at a time, until the block ends.
+    """GETs through the balancer, ``workers`` at a time, until the block ends; with
+    ``posts``, every other request is a POST with a 4 KiB body (never retried).
 
     Counts each answer as ``"<status>:<X-Served-By>"``; a request that got no answer
     counts as ``"refused"`` (could not connect) or ``"failed"``. Bounded in requests.
     """
     seen: Counter[str] = Counter()
     stop = asyncio.Event()
+    body = b"x" * 4096
 
     async def loop(client: aiohttp.ClientSession) -> None:
-        for _ in range(50_000):  # bounded; normally ended by ``stop``
+        for n in range(50_000):  # bounded; normally ended by ``stop``
             if stop.is_set():
                 return
+            post = posts and n % 2 == 1
             try:
-                async with client.get(path) as response:
+                async with client.request(
+                    "POST" if post else "GET", path, data=body if post else None
+                ) as response:
                     await response.read()
                     seen[f"{response.status}:{response.headers.get('X-Served-By', '-')}"] += 1
             except aiohttp.ClientConnectorError:

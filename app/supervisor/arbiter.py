@@ -33,12 +33,13 @@ from app.component import (
     server_name,
 )
 from app.config import Config, GroupLayout
-from app.errors import LbstackError, StartupError
+from app.errors import ControlError, LbstackError, StartupError
 from app.log import get_logger
 from app.rundir import RunDir
 from app.supervisor.autoscaler import Autoscaler
 from app.supervisor.child import Child, Launch, python_argv
 from app.supervisor.control import create_control_app, create_metrics_app
+from app.supervisor.reload import Reloader
 from app.supervisor.scaling import Scaler, upstream_body
 from app.supervisor.telemetry import SupervisorMetrics
 
@@ -50,7 +51,13 @@ BOOT_CONCURRENCY = 2  # children booting at once, per CPU
 class Supervisor:
     """Runs one stack described by a Config until told to stop."""
 
-    def __init__(self, config: Config, out: TextIO = sys.stdout) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out: TextIO = sys.stdout,
+        source: Callable[[], Config] | None = None,
+    ) -> None:
+        """``source`` re-reads the config (file and flags) for a reload."""
         self.config = config
         self.run_dir = RunDir(config.resolved_run_dir())
         self.out = out
@@ -60,9 +67,12 @@ class Supervisor:
         self.metrics_address: Address | None = None
         self.scaler = Scaler(self)
         self.autoscaler = Autoscaler(self)
+        self.reloader = Reloader(self, source)
+        self._reloading: asyncio.Task[Any] | None = None
         self._sockets: dict[Address, socket.socket] = {}
         self._foreign_paths: list[Address] = []  # sockets our command-run servers create
         self._runners: list[web.BaseRunner] = []
+        self.retiring: list[Child] = []  # replaced children still draining
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self._fatal: str | None = None
         self._fatal_event = asyncio.Event()
@@ -81,6 +91,8 @@ class Supervisor:
                 self.autoscaler.start()
                 await self._loop()
         finally:
+            if self._reloading is not None:
+                self._reloading.cancel()
             await self.autoscaler.stop()
             await self._shutdown()
         if self._fatal is not None:
@@ -115,8 +127,19 @@ class Supervisor:
         return True
 
     def handle_hup(self) -> bool:
-        log.warning("SIGHUP: configuration reload is not available in this version; ignored")
+        """Reload in the background: the loop must stay free for SIGTERM."""
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("SIGHUP: a reload is already running; ignored")
+            return False
+        log.info("SIGHUP: reloading the configuration")
+        self._reloading = asyncio.create_task(self._reload_logged(), name="reload")
         return False
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reloader.reload()
+        except LbstackError as exc:  # ConfigError or ControlError: the stack is unchanged
+            log.error("reload rejected, the stack keeps running as it was: %s", exc)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,21 +231,30 @@ class Supervisor:
         group: int | None,
         listen: list[Address],
         upstreams: Callable[[], tuple[UpstreamSpec, ...]] = tuple,
+        admin: Address | None = None,
+        peers: Callable[[], tuple[Address, ...]] = tuple,
     ) -> Child:
-        """A child running our own code (``python -m app.child``) on bound sockets."""
+        """A child running our own code (``python -m app.child``) on bound sockets.
+
+        Its admin socket is ``admin`` (default: its own name's); every (re)start
+        inherits whatever socket ``child.admin`` names then, which a handover changes.
+        """
         for address in listen:
             self._bind(address, sockets.DATA_MODE)
-        admin = self.run_dir.admin(name)
+        admin = admin or self.run_dir.admin(name)
         self._bind(admin, sockets.ADMIN_MODE)
+        itself: list[Child] = []
 
         def launch() -> Launch:
+            admin_fd = self._fds([itself[0].admin or admin])[0]
             spec = ChildSpec(
                 name=name,
                 role=role,
                 group=group,
                 listen_fds=self._fds(listen),
-                admin_fd=self._fds([admin])[0],
+                admin_fd=admin_fd,
                 upstreams=upstreams(),
+                peers=peers(),
                 parent_pid=os.getpid(),
                 config=self.config,
             )
@@ -232,13 +264,18 @@ class Supervisor:
                 pass_fds=(*spec.listen_fds, spec.admin_fd),
             )
 
-        return self._child(name, role, group, listen, admin, launch, (admin, "/readyz"))
+        child = self._child(name, role, group, listen, admin, launch, (admin, "/readyz"))
+        itself.append(child)
+        return child
 
-    def _plan_server(self, layout: GroupLayout, index: int) -> Child | None:
+    def _plan_server(
+        self, layout: GroupLayout, index: int, admin: Address | None = None
+    ) -> Child | None:
         name = server_name(layout.index, index)
         server = layout.server
         if server.kind == "simulated":
-            return self._builtin(name, "server", layout.index, [self.run_dir.data(name)])
+            listen = [self.run_dir.data(name)]
+            return self._builtin(name, "server", layout.index, listen, admin=admin)
         if server.kind == "address":
             return None
         data = self.run_dir.data(name)
@@ -281,17 +318,18 @@ class Supervisor:
             for n in names
         )
 
-    def _plan_proxy(self, layout: GroupLayout) -> Child:
+    def _plan_proxy(self, layout: GroupLayout, admin: Address | None = None) -> Child:
         name = proxy_name(layout.index)
         return self._builtin(
             name,
             "proxy",
             layout.index,
             [self.run_dir.data(name)],
-            upstreams=lambda: self._servers_of(layout),
+            upstreams=lambda: self._servers_of(self.config.group(layout.index)),
+            admin=admin,
         )
 
-    def _plan_balancer(self, index: int) -> Child:
+    def _plan_balancer(self, index: int, admin: Address | None = None) -> Child:
         def proxies() -> tuple[UpstreamSpec, ...]:
             return tuple(
                 UpstreamSpec(name=c.name, address=c.listen[0], admin=c.admin)
@@ -299,8 +337,15 @@ class Supervisor:
                 if c.role == "proxy"
             )
 
+        def peers() -> tuple[Address, ...]:
+            # The other balancers' admin sockets, whose load views this one folds in.
+            count = self.config.balancers
+            return tuple(self.run_dir.admin(balancer_name(i)) for i in range(count) if i != index)
+
         listen = [self.run_dir.balancer, *self.config.listen]
-        return self._builtin(balancer_name(index), "balancer", None, listen, proxies)
+        return self._builtin(
+            balancer_name(index), "balancer", None, listen, proxies, admin, peers=peers
+        )
 
     # ---- membership at runtime (see scaling.py) --------------------------------------
 
@@ -331,6 +376,79 @@ class Supervisor:
                 sock.close()
                 sockets.unlink(address)
         self._write_targets()
+
+    async def start_balancer(self, index: int) -> Child:
+        """Start one more balancer on the shared listeners (a reload's ``balancers``)."""
+        child = self._plan_balancer(index)
+        self._add(child)
+        child.start()
+        if not await child.wait_ready():
+            await self.stop_balancer(child)
+            raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
+        self._write_targets()
+        return child
+
+    async def stop_balancer(self, child: Child) -> None:
+        """Stop a balancer for good; the shared listeners stay with the others."""
+        await child.stop(self.config.supervisor.graceful_timeout + 1.0)
+        self.children.pop(child.name, None)
+        self.release(child)
+        self._write_targets()
+
+    def config_changed(self) -> None:
+        """After a reload: what is derived from the config follows it."""
+        self._write_targets()
+
+    # ---- handover: a child replaced by a successor on the same sockets (reload.py) -----
+
+    def plan_successor(self, old: Child) -> Child:
+        """Bind a successor admin socket and plan (not start) ``old``'s successor.
+
+        It shares ``old``'s data sockets and gets the config as it is now.
+        """
+        admin = self.run_dir.successor_admin(old.name)
+        sockets.clear_stale(admin.path)  # a leftover of an interrupted reload
+        self._sockets.pop(admin, None)
+        if old.role == "balancer":
+            index = int(old.name.rsplit("-", 1)[1])
+            return self._plan_balancer(index, admin)
+        assert old.group is not None
+        layout = self.config.group(old.group)
+        if old.role == "proxy":
+            return self._plan_proxy(layout, admin)
+        child = self._plan_server(layout, int(old.name.rsplit("-", 1)[1]), admin)
+        assert child is not None
+        return child
+
+    def take_over(self, new: Child, old: Child) -> None:
+        """Point ``old``'s admin path at ``new``; ``old`` stays reachable at its retiring
+        path while it drains. The path never stops answering: a hard link keeps the old
+        socket there until the rename puts the new one in its place, atomically."""
+        assert new.admin is not None and old.admin is not None
+        canonical, successor = old.admin, new.admin
+        retiring = self.run_dir.retiring_admin(old.name)
+        sockets.clear_stale(retiring.path)
+        os.link(canonical.path, retiring.path)
+        os.rename(successor.path, canonical.path)
+        self._sockets[retiring] = self._sockets.pop(canonical)
+        self._sockets[canonical] = self._sockets.pop(successor)
+        old.admin, old.ready_check = retiring, (retiring, "/readyz")
+        new.admin, new.ready_check = canonical, (canonical, "/readyz")
+        self.children[new.name] = new
+        self.retiring.append(old)
+
+    def release(self, child: Child) -> None:
+        """Forget a stopped predecessor: close and remove its retiring admin socket."""
+        self.retiring = [c for c in self.retiring if c is not child]
+        if child.admin is not None:
+            sock = self._sockets.pop(child.admin, None)
+            if sock is not None:
+                sock.close()
+                sockets.unlink(child.admin)
+
+    def abandon(self, successor: Child) -> None:
+        """Forget a successor that never took over: its admin socket goes."""
+        self.release(successor)
 
     def upstream_spec(self, child: Child) -> dict[str, Any]:
         """What a router's POST /upstreams takes for ``child``."""
@@ -367,6 +485,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         """Balancers first, servers last; then sockets and files."""
         timeout = self.config.supervisor.graceful_timeout + 1.0
+        await asyncio.gather(*(child.stop(timeout) for child in self.retiring))
         for tier in reversed(self._tiers()):
             await asyncio.gather(*(child.stop(timeout) for child in tier))
         for runner in reversed(self._runners):

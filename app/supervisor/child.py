@@ -173,12 +173,13 @@ class Child:
 
     async def _watch_liveness(self, process: asyncio.subprocess.Process) -> None:
         """A live PID is not enough: a child that stops answering is killed and restarted."""
-        address, path = self.ready_check
-        if self.admin is not None:
-            address, path = self.admin, "/healthz"
         failures = 0
         while True:
             await asyncio.sleep(LIVENESS_INTERVAL)
+            # Read each time: a handover moves a child's admin socket.
+            address, path = self.ready_check
+            if self.admin is not None:
+                address, path = self.admin, "/healthz"
             if await probe(address, path, timeout=LIVENESS_TIMEOUT):
                 failures = 0
                 continue

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.client import fetch
-from app.errors import ControlError
+from app.errors import ConfigError, ControlError
 
 if TYPE_CHECKING:
     from app.supervisor.arbiter import Supervisor
@@ -84,8 +84,23 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
         body = await _json_body(request, {"name": str})
         return await _run(supervisor.scaler.undrain(body["name"]))
 
+    async def reload(request: web.Request) -> web.Response:
+        try:
+            return await _run(supervisor.reloader.reload())
+        except ConfigError as exc:
+            return web.json_response({"error": str(exc), "problems": exc.problems}, status=422)
+
+    async def restart(request: web.Request) -> web.Response:
+        body = await _json_body(request, {"names": list})
+        names = body["names"]
+        if not all(isinstance(n, str) for n in names):
+            raise web.HTTPBadRequest(text=f"names: expected a list of names, found {names!r}\n")
+        return await _run(supervisor.reloader.restart(names))
+
     app = web.Application()
     app.router.add_get("/status", status)
+    app.router.add_post("/reload", reload)
+    app.router.add_post("/restart", restart)
     app.router.add_post("/scale", scale)
     app.router.add_post("/drain", drain)
     app.router.add_post("/undrain", undrain)

@@ -23,6 +23,7 @@ from app.errors import ControlError
 from app.log import get_logger
 
 if TYPE_CHECKING:
+    from app.config import GroupLayout
     from app.supervisor.arbiter import Supervisor
     from app.supervisor.child import Child
 
@@ -31,7 +32,7 @@ DRAIN_POLL = 0.1
 MAX_SERVERS = 1024
 
 
-async def _call(router: Child, method: str, path: str, body: Any = None) -> Any:
+async def call_router(router: Child, method: str, path: str, body: Any = None) -> Any:
     """One admin call to a router; a refusal or silence is a ControlError."""
     assert router.admin is not None
     try:
@@ -48,7 +49,8 @@ class Scaler:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
-        self._lock = asyncio.Lock()
+        # Membership changes (scale, drain, reload, restart) happen one at a time.
+        self.lock = asyncio.Lock()
         self._manual_at: dict[str, float] = {}
 
     def held(self, group: str, hold: float) -> bool:
@@ -67,6 +69,12 @@ class Scaler:
             return [c for c in children.values() if c.role == "balancer"]
         return [c for c in children.values() if c.role == "proxy" and c.group == target.group]
 
+    def routers_in_front(self, child: Child) -> list[Child]:
+        """The routers that send traffic to ``child`` (none for a balancer)."""
+        if child.role == "balancer":
+            return []
+        return self.routers_of(child.name)
+
     async def drain(self, name: str) -> dict[str, Any]:
         """No new requests to ``name``; the ones in flight finish."""
         return await self._set_draining(name, draining=True)
@@ -77,9 +85,9 @@ class Scaler:
 
     async def _set_draining(self, name: str, *, draining: bool) -> dict[str, Any]:
         verb = "drain" if draining else "undrain"
-        async with self._lock:
+        async with self.lock:
             for router in self.routers_of(name):
-                await _call(router, "POST", f"/upstreams/{name}/{verb}")
+                await call_router(router, "POST", f"/upstreams/{name}/{verb}")
             self._supervisor.children[name].draining = draining
             log.info("%sed %s", verb, name)
             return {f"{verb}ed": name}
@@ -99,53 +107,71 @@ class Scaler:
             )
         if not 1 <= servers <= MAX_SERVERS:
             raise ControlError(f"expected 1 to {MAX_SERVERS} servers, found {servers}")
-        async with self._lock:
+        async with self.lock:
             if manual:
                 self._manual_at[group] = time.monotonic()
-            current = supervisor.servers_in(layout.index)
-            if servers > len(current):
-                await self._grow(layout.index, servers - len(current))
-            elif servers < len(current):
-                await self._shrink(current[servers - len(current) :])
-            now = supervisor.servers_in(layout.index)
-            log.info("%s now has %d servers: %s", group, len(now), ", ".join(c.name for c in now))
-            return {"group": group, "servers": [c.name for c in now]}
+            try:
+                return await self.resize(layout, servers)
+            finally:
+                if manual:  # the hold counts from the end of the change, however long
+                    self._manual_at[group] = time.monotonic()
 
-    async def _grow(self, group: int, count: int) -> None:
+    async def resize(self, layout: GroupLayout, servers: int) -> dict[str, Any]:
+        """Grow or shrink a group to ``servers``; the caller holds ``lock``."""
+        supervisor = self._supervisor
+        current = supervisor.servers_in(layout.index)
+        if servers > len(current):
+            await self.grow(layout.index, servers - len(current))
+        elif servers < len(current):
+            await self.shrink(current[servers - len(current) :])
+        now = supervisor.servers_in(layout.index)
+        log.info("%s now has %d servers: %s", layout.name, len(now), ", ".join(c.name for c in now))
+        return {"group": layout.name, "servers": [c.name for c in now]}
+
+    async def grow(self, group: int, count: int, *, event: bool = True) -> list[Child]:
+        """Start ``count`` new servers in ``group`` and add them to its proxy; them.
+
+        ``event``: count it as a scale step (a reload's surge is not one)."""
         supervisor = self._supervisor
         proxy = supervisor.children[f"proxy-{group}"]
+        added: list[Child] = []
         for _ in range(count):
             child = supervisor.add_server(group)
             child.start()
             if not await child.wait_ready():
                 await supervisor.remove_server(child)
                 raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
-            await _call(proxy, "POST", "/upstreams", supervisor.upstream_spec(child))
-            supervisor.metrics.scale_events.labels(
-                "supervisor", "supervisor", f"proxy-{group}", "up"
-            ).inc()
+            await call_router(proxy, "POST", "/upstreams", supervisor.upstream_spec(child))
+            added.append(child)
+            if event:
+                supervisor.metrics.scale_events.labels(
+                    "supervisor", "supervisor", f"proxy-{group}", "up"
+                ).inc()
             log.info("added %s to proxy-%d", child.name, group)
+        return added
 
-    async def _shrink(self, victims: list[Child]) -> None:
+    async def shrink(self, victims: list[Child], *, event: bool = True) -> None:
+        """Drain, then stop and remove ``victims`` (last first)."""
         supervisor = self._supervisor
         timeout = supervisor.config.supervisor.graceful_timeout
         for child in reversed(victims):
             proxy = supervisor.children[f"proxy-{child.group}"]
-            await _call(proxy, "POST", f"/upstreams/{child.name}/drain")
+            await call_router(proxy, "POST", f"/upstreams/{child.name}/drain")
             child.draining = True
             await self._until_idle(proxy, child.name, timeout)
-            await _call(proxy, "DELETE", f"/upstreams/{child.name}")
+            await call_router(proxy, "DELETE", f"/upstreams/{child.name}")
             await supervisor.remove_server(child)
-            supervisor.metrics.scale_events.labels(
-                "supervisor", "supervisor", f"proxy-{child.group}", "down"
-            ).inc()
+            if event:
+                supervisor.metrics.scale_events.labels(
+                    "supervisor", "supervisor", f"proxy-{child.group}", "down"
+                ).inc()
             log.info("removed %s from proxy-%s", child.name, child.group)
 
     async def _until_idle(self, router: Child, name: str, timeout: float) -> None:
         """Until ``router`` has nothing in flight to ``name``, or ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            answer = await _call(router, "GET", "/upstreams")
+            answer = await call_router(router, "GET", "/upstreams")
             in_flight = next((u["in_flight"] for u in answer["upstreams"] if u["name"] == name), 0)
             if in_flight == 0:
                 return

@@ -102,9 +102,20 @@ class SupervisorMetrics:
             registry=self.registry,
         )
 
+        self._replacements = Counter(
+            "lbstack_child_replacements",
+            "Children replaced on purpose, new before old (reload, rolling restart).",
+            ["role", "instance", "child", "child_role"],
+            registry=self.registry,
+        )
+
     def track(self, child: Child) -> None:
-        """Export the child's restart count (0) from the start."""
+        """Export the child's restart and replacement counts (0) from the start."""
         self._restarts.labels(ROLE, INSTANCE, child.name, child.role)
+        self._replacements.labels(ROLE, INSTANCE, child.name, child.role)
+
+    def replaced(self, child: Child) -> None:
+        self._replacements.labels(ROLE, INSTANCE, child.name, child.role).inc()
 
     def restarted(self, child: Child) -> None:
         self._restarts.labels(ROLE, INSTANCE, child.name, child.role).inc()
