@@ -27,7 +27,11 @@ worker starts, with the field, what was expected and what was found, exit status
 ``LBSTACK_ADMIN_DIR``
     Where each worker serves its admin API (``/healthz``, ``/readyz``, ``/status``,
     ``/metrics``, ``/upstreams``): ``<dir>/<name>-<pid>.admin.sock``, mode 0600, one per
-    worker and removed when it exits (default: the config's run dir).
+    worker and removed when it exits (default: the config's run dir). The tier's own
+    admin address, ``<dir>/<name>.admin.sock``, is a symlink to a live worker's socket
+    (``claim_alias``, ``repoint_alias``): what a router in front scrapes and checks.
+    Its ``/metrics`` is the whole tier's (see ``app.metrics``); a change through
+    ``/upstreams`` reaches one worker only, so send those to every worker's socket.
 
 Each worker is a whole router of its own (pools, health checks, scrapes, routing
 state); only the listening sockets, which gunicorn binds, and the metrics files
@@ -42,7 +46,8 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, cast, get_args
@@ -147,6 +152,11 @@ class TierSettings:
         """The admin socket of worker ``pid``."""
         return Address.unix(str(self.admin_dir / f"{self.name}-{pid}.admin.sock"))
 
+    @property
+    def alias(self) -> Path:
+        """The tier's admin address: a symlink to one live worker's admin socket."""
+        return self.admin_dir / f"{self.name}.admin.sock"
+
     def spec(self) -> ChildSpec:
         """The ChildSpec the router is built from (gunicorn owns the sockets: no fds)."""
         return ChildSpec(
@@ -157,6 +167,64 @@ class TierSettings:
             upstreams=self.upstreams,
             config=self.config,
         )
+
+
+# The settings the gunicorn config accepted last, in the arbiter; workers, forked from
+# it, serve these rather than read the files again.
+_accepted: list[TierSettings] = []
+
+
+def accept_settings(environ: Mapping[str, str] | None = None) -> TierSettings:
+    """The gunicorn config's settings: validated; on a reload (SIGHUP), invalid ones are
+    refused with their problems on stderr and the running settings are kept, rather
+    than gunicorn exiting as it does on a broken config file."""
+    try:
+        settings = TierSettings.from_env(environ)
+    except ConfigError as exc:
+        if not _accepted:
+            raise
+        print(f"lbstack: reload refused, keeping the running settings: {exc}", file=sys.stderr)
+        return _accepted[-1]
+    _accepted[:] = [settings]
+    return settings
+
+
+def claim_alias(settings: TierSettings, pid: int) -> None:
+    """Point the tier's admin alias at worker ``pid``, unless it leads to a live one."""
+    if settings.alias.exists():  # follows the link: False when it dangles
+        return
+    _link(settings, pid)
+
+
+def repoint_alias(settings: TierSettings, dead: int, alive: Iterable[int]) -> None:
+    """Worker ``dead`` is gone (the arbiter's child_exit): lead the alias to another one."""
+    with contextlib.suppress(OSError):
+        if os.readlink(settings.alias) != Path(settings.admin(dead).path).name:
+            return
+    for pid in alive:
+        if pid != dead and os.path.exists(settings.admin(pid).path):
+            _link(settings, pid)
+            return
+    remove_alias(settings)  # the next worker to boot claims it
+
+
+def remove_alias(settings: TierSettings) -> None:
+    if settings.alias.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            settings.alias.unlink()
+
+
+def _link(settings: TierSettings, pid: int) -> None:
+    # A new link renamed over the old one: whoever connects meanwhile finds either.
+    temporary = settings.admin_dir / f".{settings.name}-{pid}.alias"
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    target = Path(settings.admin(pid).path).name  # relative: the directory may move
+    try:
+        temporary.symlink_to(target)
+        temporary.replace(settings.alias)
+    except OSError as exc:
+        log.warning("cannot point %s at %s: %s", settings.alias, target, exc.strerror)
 
 
 def stack_proxies(config: Config) -> tuple[UpstreamSpec, ...]:
@@ -285,6 +353,7 @@ class TierRunner(web.AppRunner):
         self._admin_address = self._settings.admin(os.getpid())
         self._settings.admin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         await web.SockSite(self._admin, bind(self._admin_address, mode=ADMIN_MODE)).start()
+        claim_alias(self._settings, os.getpid())
         if MULTIPROCESS:
             self._sampler = asyncio.create_task(_sample_forever())
         log.info(
@@ -338,7 +407,7 @@ def create_runner(tier: Tier) -> TierRunner:
     """The runner of ``tier``, from the environment; a bad setting raises ConfigError."""
     from app.router import create_router  # noqa: PLC0415 - see the note on imports
 
-    settings = TierSettings.from_env()
+    settings = _accepted[-1] if _accepted else TierSettings.from_env()
     if settings.tier != tier:
         raise ConfigError(
             [f"{TIER_VAR}: expected {tier!r} for {__name__}:{tier}_app, found {settings.tier!r}"]

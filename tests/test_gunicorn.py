@@ -181,7 +181,7 @@ class Tier:
         found = {}
         for path in self.admin_dir.glob("*.admin.sock"):
             match = ADMIN.fullmatch(path.name)
-            if match:
+            if match and not path.is_symlink():
                 found[int(match["pid"])] = Address.unix(str(path))
         return found
 
@@ -301,7 +301,7 @@ async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers() -> None:
         # The data socket: owner and group only (gunicorn alone would make it 0777).
         assert stat.S_IMODE(tier.socket.stat().st_mode) == 0o660
         workers = tier.workers()
-        assert len(workers) == 2
+        assert len(workers) == 2, workers
         assert {pid for pid in workers} == {child for child in _children(tier.process.pid)}, (
             "one admin socket per worker, named by its pid"
         )
@@ -323,7 +323,13 @@ async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers() -> None:
 
         # Kill a worker under load: gunicorn replaces it, its live gauges leave the sums
         # (child_exit), its counts stay in them, and nothing is refused meanwhile.
-        victim, survivor = sorted(workers)
+        # The tier's admin address leads to one worker; kill that one.
+        alias = tier.admin_dir / "balancer.admin.sock"
+        match = ADMIN.fullmatch(os.readlink(alias))
+        assert match is not None
+        victim = int(match["pid"])
+        [survivor] = set(workers) - {victim}
+        assert await _requests_total(Address.unix(str(alias))) == 2 * REQUESTS
         assert any(f.startswith("gauge_livesum_") for f in _metric_files(tier, victim))
         seen: Counter[str] = Counter()
         stop = asyncio.Event()
@@ -370,12 +376,15 @@ async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers() -> None:
         total = await _requests_total(tier.workers()[newcomer])
         assert total >= 2 * REQUESTS + seen["200"], "the dead worker's counts are kept"
         assert await _requests(tier, REQUESTS // 4) == Counter(ok=2 * (REQUESTS // 4))
+        assert os.readlink(alias) != f"balancer-{victim}.admin.sock", "the alias moved on"
+        assert await probe(Address.unix(str(alias)), "/readyz")
         assert "was sent SIGKILL" in tier.logs()
 
         # A graceful stop: workers drain, admin sockets and the data socket go away.
         tier.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(tier.process.wait(), STOP_TIMEOUT) == 0, tier.logs()
         assert list(tier.admin_dir.glob("*.admin.sock")) == []
+        assert not alias.is_symlink()
         assert not tier.socket.exists()
         assert "draining" in tier.logs()
 
@@ -388,14 +397,20 @@ def _children(pid: int) -> list[int]:
     return [child.pid for child in psutil.Process(pid).children()]
 
 
-async def test_a_proxy_tier_serves_its_servers_under_gunicorn() -> None:
+async def test_a_proxy_tier_serves_its_servers_and_keeps_them_on_a_bad_reload() -> None:
     async with running_stack("--proxies", "1", "--servers-per-proxy", "2") as stack:
         servers = " ".join(f"unix:{stack.run_dir / f'server-0-{s}.sock'}" for s in range(2))
+        config = stack.run_dir.parent / "tier.toml"
+        config.write_text("[proxy.timeouts]\nclient_keepalive = 30\n")
         async with running_tier(
-            1, LBSTACK_TIER="proxy", LBSTACK_NAME="proxy-g", LBSTACK_UPSTREAMS=servers
+            1,
+            LBSTACK_TIER="proxy",
+            LBSTACK_NAME="proxy-g",
+            LBSTACK_UPSTREAMS=servers,
+            LBSTACK_CONFIG=str(config),
         ) as tier:
             assert await _requests(tier, 10) == Counter(ok=20)
-            [admin] = tier.workers().values()
+            [(first, admin)] = tier.workers().items()
             status, view = await fetch_json(admin, "/status")
             assert (status, view["name"], view["role"]) == (200, "proxy-g", "proxy")
             metrics = (await fetch(admin, "/metrics"))[1].decode()
@@ -405,6 +420,23 @@ async def test_a_proxy_tier_serves_its_servers_under_gunicorn() -> None:
                 if name == "lbstack_upstream_requests_total" and value > 0
             }
             assert served == {"server-0-0", "server-0-1"}
+
+            # SIGHUP with a broken config: refused, and a new worker runs the old settings.
+            config.write_text("[proxy.timeouts]\nclient_keepalive = 5\n")
+            tier.process.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                ready = await tier.ready_workers()
+                return bool(ready) and first not in ready
+
+            await until(reloaded, "a new worker after SIGHUP", START_TIMEOUT)
+            assert tier.process.returncode is None
+            assert (
+                "reload refused, keeping the running settings: invalid configuration:\n"
+                "  proxy.timeouts.client_keepalive: expected longer than "
+                "balancer.timeouts.pool_idle (15s), found 5s"
+            ) in tier.logs()
+            assert await _requests(tier, 5) == Counter(ok=10)
 
 
 async def test_gunicorn_refuses_to_take_a_live_socket_over() -> None:

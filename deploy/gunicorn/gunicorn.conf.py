@@ -5,8 +5,9 @@
 
 The tier, its config and its upstreams come from the LBSTACK_* variables (see
 app/gunicorn.py and this directory's README); they are validated here, in the arbiter,
-so a bad value stops gunicorn before a worker starts. Command-line flags override
-what this file sets (-b, -w ...).
+so a bad value stops gunicorn before a worker starts, and on a reload (SIGHUP) a bad
+value is refused and the running settings kept. Command-line flags override what this
+file sets (-b, -w ...).
 """
 
 import math
@@ -18,7 +19,7 @@ from app import gunicorn as lbstack
 from app.errors import LbstackError
 
 try:
-    _settings = lbstack.TierSettings.from_env()
+    _settings = lbstack.accept_settings()
 except LbstackError as _error:
     print(f"lbstack: {_error}", file=sys.stderr)
     sys.exit(_error.exit_status)
@@ -73,10 +74,16 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    """A worker is gone (in the arbiter): its live gauges leave the sums, its admin socket goes."""
+    """A worker is gone (in the arbiter): its live gauges leave the sums, its sockets go."""
     from prometheus_client import multiprocess  # noqa: PLC0415
 
     from app.sockets import unlink  # noqa: PLC0415
 
     multiprocess.mark_process_dead(worker.pid)
     unlink(_settings.admin(worker.pid))  # left behind when the worker was killed
+    lbstack.repoint_alias(_settings, worker.pid, list(server.WORKERS))
+
+
+def on_exit(server):
+    """gunicorn stops: the tier's admin alias goes with its last worker."""
+    lbstack.remove_alias(_settings)
