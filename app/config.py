@@ -237,6 +237,54 @@ class TierConfig(Model):
     retries: Retries = Retries()
 
 
+class ExchangeConfig(Model):
+    """How balancers read each other's load view and fold it into their routing."""
+
+    enabled: bool = Field(
+        True,
+        description="Balancers poll each other's GET /load and count the others' requests "
+        "in flight to each proxy as load; only in effect with balancers > 1.",
+    )
+    interval: Duration = Field(0.25, description="Time between two polls of one peer.")
+    timeout: Duration = Field(
+        0.5, description="A poll not answered within this fails; routing never waits for it."
+    )
+    stale_after: Duration = Field(
+        1.5,
+        description="A peer's view older than this is ignored; from half this age its "
+        "figures fade out linearly.",
+    )
+
+    @model_validator(mode="after")
+    def _fresh_within_stale(self) -> ExchangeConfig:
+        if self.interval <= 0:
+            raise PydanticCustomError(
+                "exchange",
+                "interval: expected a duration above 0 (set enabled = false to turn the "
+                "exchange off), found {found}s",
+                {"found": self.interval},
+            )
+        if self.timeout <= 0:
+            raise PydanticCustomError(
+                "exchange",
+                "timeout: expected a duration above 0, found {found}s",
+                {"found": self.timeout},
+            )
+        if self.stale_after <= self.interval:
+            raise PydanticCustomError(
+                "exchange",
+                "stale_after: expected more than interval ({interval}s), found {found}s",
+                {"interval": self.interval, "found": self.stale_after},
+            )
+        return self
+
+
+class BalancerConfig(TierConfig):
+    """The balancer tier: a forwarding tier, plus the load exchange between balancers."""
+
+    exchange: ExchangeConfig = ExchangeConfig()
+
+
 class Simulation(Model):
     """The work a simulated application server pretends to do per request."""
 
@@ -371,6 +419,12 @@ class SupervisorConfig(Model):
     graceful_timeout: Duration = Field(
         10.0, description="How long a stopping child may finish in-flight work before SIGKILL."
     )
+    drain_window: Duration = Field(
+        2.0,
+        description="Part of graceful_timeout a stopping child keeps its idle keep-alive "
+        "connections open, answering any request on them with Connection: close, before "
+        "closing them.",
+    )
     ready_timeout: Duration = Field(15.0, description="How long a child may take to become ready.")
     restart_backoff_initial: Duration = Field(0.1, description="First restart delay.")
     restart_backoff_max: Duration = Field(10.0, description="Longest restart delay.")
@@ -383,6 +437,16 @@ class SupervisorConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the supervisor and every child."
     )
+
+    @model_validator(mode="after")
+    def _drain_within_grace(self) -> SupervisorConfig:
+        if self.drain_window >= self.graceful_timeout:
+            raise PydanticCustomError(
+                "drain_window",
+                "drain_window: expected less than graceful_timeout ({graceful}s), found {found}s",
+                {"graceful": self.graceful_timeout, "found": self.drain_window},
+            )
+        return self
 
 
 class Config(Model):
@@ -402,7 +466,7 @@ class Config(Model):
         Address("tcp", host="127.0.0.1", port=9464),
         description="Loopback TCP address where the supervisor serves every component's metrics.",
     )
-    balancer: TierConfig = TierConfig()
+    balancer: BalancerConfig = BalancerConfig()
     proxy: TierConfig = TierConfig()
     server: ServerConfig = ServerConfig()
     groups: tuple[GroupConfig, ...] = Field(
@@ -426,12 +490,6 @@ class Config(Model):
                     isinstance(merged_group, Mapping)
                     and isinstance(base, Mapping)
                     and isinstance(merged_group.get(table, {}), Mapping)
-    drain_window: Duration = Field(
-        2.0,
-        description="Part of graceful_timeout a stopping child keeps its idle keep-alive "
-        "connections open, answering any request on them with Connection: close, before "
-        "closing them.",
-    )
                 ):
                     top = merged_group.get(table, {})
                     merged_group = {**merged_group, table: _deep_merge(base, top)}
@@ -445,16 +503,6 @@ class Config(Model):
                 {"proxies": data["proxies"], "n": len(groups)},
             )
         if groups:
-    @model_validator(mode="after")
-    def _drain_within_grace(self) -> SupervisorConfig:
-        if self.drain_window >= self.graceful_timeout:
-            raise PydanticCustomError(
-                "drain_window",
-                "drain_window: expected less than graceful_timeout ({graceful}s), found {found}s",
-                {"graceful": self.graceful_timeout, "found": self.drain_window},
-            )
-        return self
-
             merged["proxies"] = len(groups)
         return merged
 

@@ -14,6 +14,9 @@ at runtime (JSON in and out; never on the data socket):
   draining (drain it first). Requests still in flight to it finish.
 
 Unknown names answer 404. Errors are ``{"error": "..."}`` (400s add ``"problems"``).
+
+``GET /load`` is the router's own load, small and cheap, which the other balancers
+poll (``app.exchange``); a balancer with peers also shows them in ``/status``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pydantic import ValidationError
 
 from app.admin import create_admin_app
 from app.component import ChildSpec, Component, UpstreamSpec
-from app.config import TierConfig
+from app.config import BalancerConfig, TierConfig
+from app.exchange import LOAD_PATH, Exchange, LoadView
 from app.forwarding import FORWARDER, Forwarder, UnknownUpstream, UpstreamConflict
 from app.httpserver import server_options
 from app.log import get_logger
@@ -55,18 +59,72 @@ def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component
         yield
         await forwarder.close()
 
-    admin = create_admin_app(
-        metrics, status=forwarder.status, ready=lambda: forwarder.state == "ready"
+    status = forwarder.status
+    exchange = _exchange(spec, tier, forwarder, metrics)
+    if exchange is not None:
+        status = _with_peers(forwarder, exchange)
+    interval = exchange.settings.interval if exchange is not None else 0.0
+    load = LoadView(
+        spec.name,
+        spec.role,
+        lambda: forwarder.upstreams,
+        lambda: sum(u.in_flight for u in forwarder.upstreams),
+        interval,
     )
+
+    async def get_load(request: web.Request) -> web.Response:
+        return web.json_response(load())
+
+    admin = create_admin_app(metrics, status=status, ready=lambda: forwarder.state == "ready")
     admin[FORWARDER] = forwarder
     admin.add_routes(upstream_routes(forwarder))
+    admin.router.add_get(LOAD_PATH, get_load)
     admin.cleanup_ctx.append(forwarder_ctx)
+    if exchange is not None:
+        admin.cleanup_ctx.append(_exchange_ctx(exchange))
     options = server_options(
         keepalive=tier.timeouts.client_keepalive,
         max_header_size=tier.limits.max_header_size,
         max_headers=tier.limits.max_headers,
     )
     return Component(handler=forwarder.handle, admin=admin, server_options=options)
+
+
+def _exchange(
+    spec: ChildSpec, tier: TierConfig, forwarder: Forwarder, metrics: Metrics
+) -> Exchange | None:
+    """The load exchange of a balancer with peers, unless the config turns it off."""
+    if not spec.peers or not isinstance(tier, BalancerConfig) or not tier.exchange.enabled:
+        return None
+    return Exchange(
+        spec.peers, lambda: forwarder.upstreams, tier.exchange, metrics, decay=tier.decay
+    )
+
+
+def _exchange_ctx(exchange: Exchange) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The exchange polls while the admin app runs, as the scraper and health checks do."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await exchange.start()
+        yield
+        await exchange.close()
+
+    return ctx
+
+
+def _with_peers(forwarder: Forwarder, exchange: Exchange) -> Callable[[], dict[str, Any]]:
+    """``/status`` with the peers, and each upstream's load as the peers report it."""
+
+    def status() -> dict[str, Any]:
+        view = forwarder.status()
+        for upstream_view in view["upstreams"]:
+            upstream = forwarder.find(upstream_view["name"])
+            if upstream is not None:
+                upstream_view["peer_in_flight"] = round(upstream.peer_in_flight, 3)
+        view["peers"] = exchange.status()
+        return view
+
+    return status
 
 
 def upstream_routes(forwarder: Forwarder) -> list[web.RouteDef]:
@@ -114,6 +172,7 @@ def upstream_routes(forwarder: Forwarder) -> list[web.RouteDef]:
     drain = acting(forwarder.drain)
     undrain = acting(forwarder.undrain)
     remove = acting(forwarder.remove_upstream)
+    recycle = acting(forwarder.recycle)
 
     return [
         web.get("/upstreams", list_upstreams),
@@ -122,6 +181,7 @@ def upstream_routes(forwarder: Forwarder) -> list[web.RouteDef]:
         web.delete("/upstreams/{name}", remove),
         web.post("/upstreams/{name}/drain", drain),
         web.post("/upstreams/{name}/undrain", undrain),
+        web.post("/upstreams/{name}/recycle", recycle),
     ]
 
 
@@ -172,7 +232,6 @@ def _refused(problems: list[Problem]) -> web.Response:
         f"{p['field']}: expected {p['expected']}, found {p['found']}" for p in problems
     )
     log.info("refused an upstream: %s", message)
-    recycle = acting(forwarder.recycle)
     return web.json_response(
         {"error": f"invalid upstream: {message}", "problems": problems}, status=400
     )
@@ -180,4 +239,3 @@ def _refused(problems: list[Problem]) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-        web.post("/upstreams/{name}/recycle", recycle),

@@ -194,19 +194,32 @@ def render_router(status: dict[str, Any]) -> Table:
         f"queued {status['queued']}, retry budget {status['retry_budget']}"
         + (", PANIC: health ignored" if status.get("panic") else "")
     )
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
-    columns = ("UPSTREAM", "STATE", "EJECT", "INFL", "REQS", "ERRS", "LAT", "COST", "REPORTED")
+    peers = status.get("peers")  # a balancer with peers (the load exchange)
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=None if peers is None else _peers(peers),
+        caption_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    columns: tuple[str, ...] = ("UPSTREAM", "STATE", "EJECT", "INFL")
+    if peers is not None:
+        columns += ("PEERS",)  # what the other balancers have in flight to it
+    columns += ("REQS", "ERRS", "LAT", "COST", "REPORTED")
     for column in columns:
         left = column in ("UPSTREAM", "STATE", "REPORTED")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for u in status["upstreams"]:
         reported = u["reported"]
         weight = "" if u["weight"] == 1 else f" ×{u['weight']:g}"
+        peer = () if peers is None else (f"{u.get('peer_in_flight', 0):g}",)
         table.add_row(
             u["name"] + weight,
             _gate(u),
             str(u.get("ejections", 0)),
             str(u["in_flight"]),
+            *peer,
             str(u["requests"]),
             str(u["errors"]),
             _ms(u["latency_ewma"]),
@@ -216,6 +229,20 @@ def render_router(status: dict[str, Any]) -> Table:
             else f"{reported['in_flight']:g} {_ms(reported['latency'])} {reported['health']:.0%}",
         )
     return table
+
+
+def _peers(peers: list[dict[str, Any]]) -> str:
+    """One line on the other balancers whose load this one routes with."""
+    parts = []
+    for peer in peers:
+        if peer["up"]:
+            parts.append(
+                f"{peer['name']} up ({peer['age']:.2f}s old, {peer['in_flight']:g} in flight)"
+            )
+        else:
+            age = "never heard" if peer["age"] is None else f"{peer['age']:.1f}s old"
+            parts.append(f"{peer['name']} IGNORED ({age}, {peer['errors']} errors)")
+    return "peers: " + ("; ".join(parts) or "none")
 
 
 def _gate(upstream: dict[str, Any]) -> Text:
