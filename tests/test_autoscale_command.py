@@ -100,7 +100,8 @@ async def _grow_and_shrink(
 
     await until(held_at_min, f"{MIN_EVALUATIONS} evaluations at min", timeout=30)
     view = await _view(stack)
-    assert view["reason"] == f"load below target, floored at min {low}", view
+    # Idle (an idle server's CPU is small, not nil): min holds whatever the rule says.
+    assert view["reason"].startswith("load below target"), view
     assert min(sizes) >= low and max(sizes) <= high, sizes
     assert statuses(seen) == {"200"}, seen  # zero failed requests, growing and shrinking
     assert {f"server-0-{i}" for i in range(high)} <= served, served  # the new ones served
@@ -127,6 +128,9 @@ async def test_own_servers_scale_on_in_flight_from_the_proxy() -> None:
         steps = await _grow_and_shrink(
             stack, signal="in_flight", path="/slow/100", workers=20, low=2, high=4
         )
+        # Idle, the rule wants 0 servers; min keeps 2, and says so once.
+        floored = "proxy-0: load below target, floored at min 2 (in_flight 0.000, target 3): "
+        assert stack.logs().count(floored + "stays at 2 servers") == 1, stack.logs()
     assert steps == [(2, 3), (3, 4), (4, 3), (3, 2)], steps
 
 

@@ -253,11 +253,17 @@ class Autoscaler:
         names = {c.name for c in servers}
         group.signal.add(group.signal.sample(names, await self._read(layout, servers)))
         observed = group.signal.observed()
-        if supervisor.scaler.held(layout.name, policy.hold):
+        scaler = supervisor.scaler
+        held = None
+        if scaler.lock.locked():
+            # A scale, drain, reload or restart is under way: the group is not what this
+            # reading saw.
+            held = "held while another membership change runs"
+        elif scaler.held(layout.name, policy.hold):
+            held = "held after a manual scale"  # the user's size stands for ``hold``
+        if held is not None:
             current = len(servers)
-            decision = Decision(
-                current, observed, policy.target, current, current, "held after a manual scale"
-            )
+            decision = Decision(current, observed, policy.target, current, current, held)
         else:
             decision = group.recommender.decide(time.monotonic(), len(servers), observed)
         group.evaluations += 1
@@ -271,10 +277,20 @@ class Autoscaler:
         self._log(group, decision)
         if decision.desired == decision.current:
             return
-        try:
-            await supervisor.scaler.scale(layout.name, decision.desired, manual=False)
-        except ControlError as exc:
-            log.error("%s: scaling to %d failed: %s", layout.name, decision.desired, exc)
+        async with scaler.lock:
+            # Another change may have got the lock first: act only on the group as seen.
+            now = len(supervisor.servers_in(layout.index))
+            if now != decision.current or scaler.held(layout.name, policy.hold):
+                log.info(
+                    "%s: not scaling to %d: the group changed meanwhile",
+                    layout.name,
+                    decision.desired,
+                )
+                return
+            try:
+                await scaler.resize(layout, decision.desired)
+            except ControlError as exc:
+                log.error("%s: scaling to %d failed: %s", layout.name, decision.desired, exc)
 
     def _log(self, group: _Group, decision: Decision) -> None:
         """Each decision once: at info when its outcome differs from the previous one,
