@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -163,6 +164,13 @@ async def test_gunicorn_refuses_a_bad_setting_before_any_worker_starts() -> None
         _rmtree(base)
 
 
+def test_the_gunicorn_config_can_import_the_module_before_prometheus_client() -> None:
+    """prometheus_client picks multiprocess mode at import: the arbiter must not import it
+    before the config has set PROMETHEUS_MULTIPROC_DIR."""
+    check = "import sys, app.gunicorn; sys.exit('prometheus_client' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], check=False, timeout=60).returncode == 0
+
+
 # -- a tier under gunicorn --------------------------------------------------------------
 
 
@@ -203,11 +211,20 @@ def _env(base: Path, **env: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def running_tier(workers: int, **env: str) -> AsyncIterator[Tier]:
-    """gunicorn with the deploy config and ``env``, until its workers are all ready."""
+async def running_tier(
+    workers: int, *, metrics_dir: bool = True, **env: str
+) -> AsyncIterator[Tier]:
+    """gunicorn with the deploy config and ``env``, until its workers are all ready.
+
+    ``metrics_dir``: set PROMETHEUS_MULTIPROC_DIR (else the config's default applies).
+    """
     base = short_tmpdir()
-    socket, log, metrics_dir = base / "tier.sock", base / "gunicorn.log", base / "prom"
-    full_env = _env(base, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **env)
+    socket, log, prom = base / "tier.sock", base / "gunicorn.log", base / "prom"
+    if metrics_dir:
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(prom), **env}
+    else:
+        prom = base / "adm" / f"{env.get('LBSTACK_NAME') or env['LBSTACK_TIER']}.metrics"
+    full_env = _env(base, **env)
     with log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             str(GUNICORN),
@@ -223,7 +240,7 @@ async def running_tier(workers: int, **env: str) -> AsyncIterator[Tier]:
             stdout=log_file,
             stderr=log_file,
         )
-    tier = Tier(process, socket, base / "adm", metrics_dir, log)
+    tier = Tier(process, socket, base / "adm", prom, log)
     try:
 
         async def all_ready() -> bool:
@@ -408,9 +425,12 @@ async def test_a_proxy_tier_serves_its_servers_and_keeps_them_on_a_bad_reload() 
             LBSTACK_NAME="proxy-g",
             LBSTACK_UPSTREAMS=servers,
             LBSTACK_CONFIG=str(config),
+            metrics_dir=False,
         ) as tier:
             assert await _requests(tier, 10) == Counter(ok=20)
             [(first, admin)] = tier.workers().items()
+            # Multiprocess mode without PROMETHEUS_MULTIPROC_DIR set: the config's default.
+            assert any(tier.metrics_dir.glob(f"counter_{first}.db")), tier.metrics_dir
             status, view = await fetch_json(admin, "/status")
             assert (status, view["name"], view["role"]) == (200, "proxy-g", "proxy")
             metrics = (await fetch(admin, "/metrics"))[1].decode()
