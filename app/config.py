@@ -170,6 +170,13 @@ class HealthCheck(Model):
     timeout: Duration = Field(0.5, description="A check not answered 2xx within this fails.")
     rise: int = Field(2, ge=1, description="Consecutive passed checks that bring an upstream in.")
     fall: int = Field(2, ge=1, description="Consecutive failed checks that take it out.")
+    traffic_interval: Duration = Field(
+        10.0,
+        description="Longest time an upstream goes unchecked while real requests to it "
+        "succeed: live traffic already proves it healthy, so its checks wait. Idle, "
+        "failing, ejected and unhealthy upstreams are checked every interval. At most "
+        "interval (e.g. 0): every check is made.",
+    )
 
 
 class Ejection(Model):

@@ -5,7 +5,12 @@ and the fields behind it). Three inputs decide it:
 
 * **active checks**: every ``tier.health.interval`` each upstream is probed (``GET
   /readyz`` on its admin socket, else its ``health_path`` on the data socket), with
-  rise/fall hysteresis on ``Upstream.healthy``;
+  rise/fall hysteresis on ``Upstream.healthy``. Live traffic is evidence too: a healthy
+  upstream whose requests all succeeded since its last check is not probed again until
+  ``tier.health.traffic_interval`` has passed, so a busy router with many upstreams
+  doesn't pay a fresh connection per upstream per interval to learn what its requests
+  already told it. Idle, failing, ejected and unhealthy upstreams are probed every
+  interval;
 * **passive ejection**: the forwarder reports every try with ``success``/``failure``;
   ``tier.ejection.consecutive_failures`` failures in a row eject the upstream for an
   exponentially growing time, after which it comes back with slow start;
@@ -36,12 +41,12 @@ from prometheus_client import Counter
 
 from app import client
 from app.address import Address
+from app.admin import DRAINING_HEADER
 from app.client import cancel
 from app.config import TierConfig
 from app.log import get_logger
 from app.metrics import UpstreamMetrics
 from app.routing.upstream import Upstream
-from app.admin import DRAINING_HEADER
 
 log = get_logger("health")
 
@@ -66,6 +71,9 @@ class _Track:
     was_in: bool = True  # in (panic aside) at the last refresh, to log transitions
     was_draining: bool = False
     back_why: str = ""  # why it may be coming back, logged by the next refresh
+    served: bool = False  # a request to it succeeded since the last check was due
+    checked_at: float = -math.inf  # when the last active check was made
+    skipped: int = 0  # checks traffic made unnecessary
 
 
 class HealthMonitor:
@@ -201,6 +209,9 @@ class HealthMonitor:
     def success(self, upstream: Upstream) -> None:
         """A try on ``upstream`` got a non-5xx answer: its failure streak is over."""
         upstream.consecutive_failures = 0
+        track = self._tracks.get(upstream)
+        if track is not None:
+            track.served = True
 
     def failure(self, upstream: Upstream) -> None:
         """A try on ``upstream`` failed (connect, reset, timeout or 5xx): maybe eject it."""
@@ -242,10 +253,17 @@ class HealthMonitor:
             async with session.get(path, allow_redirects=False) as response:
                 passed = 200 <= response.status < 300
                 problem = f"{path} answered {response.status}"
+                if DRAINING_HEADER in response.headers:
+                    # It is stopping: out now, before it closes its idle connections.
+                    self.record_check(upstream, False, f"{path}: draining", immediate=True)
+                    return False
         except TimeoutError:
             passed, problem = False, f"{path} timed out after {self._health.timeout:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             passed, problem = False, f"{path} failed: {exc or type(exc).__name__}"
+        track = self._tracks.get(upstream)
+        if track is not None:
+            track.checked_at = self._clock()
         self.record_check(upstream, passed, problem)
         return passed
 
@@ -253,10 +271,6 @@ class HealthMonitor:
     def check_target(upstream: Upstream) -> tuple[Address, str]:
         """Where ``upstream`` is probed: its admin's /readyz, else its own health path."""
         if upstream.admin is not None:
-                if DRAINING_HEADER in response.headers:
-                    # It is stopping: out now, before it closes its idle connections.
-                    self.record_check(upstream, False, f"{path}: draining", immediate=True)
-                    return False
             return upstream.admin, READY_PATH
         return upstream.address, upstream.health_path
 
@@ -288,11 +302,37 @@ class HealthMonitor:
         # A random first delay spreads the upstreams' checks over the interval.
         await asyncio.sleep(self._rng.uniform(0.0, interval))
         while True:
-            try:
-                await self.check_once(upstream)
-            except Exception:  # a bug here must not stop the other upstreams' checks
-                log.exception("health check of %s crashed", upstream.name)
+            if not self.vouched_for(upstream):
+                try:
+                    await self.check_once(upstream)
+                except Exception:  # a bug here must not stop the other upstreams' checks
+                    log.exception("health check of %s crashed", upstream.name)
             await asyncio.sleep(interval * self._rng.uniform(*JITTER))
+
+    def vouched_for(self, upstream: Upstream) -> bool:
+        """Whether live traffic makes ``upstream``'s check due now unnecessary.
+
+        True when it is healthy, not ejected, none of its requests failed since and at
+        least one succeeded since the last check was due, and its last real check is
+        less than ``traffic_interval`` old. A skipped check is neither a pass nor a
+        fail: rise and fall count real checks only. Each call starts a new period.
+        """
+        track = self._tracks.get(upstream)
+        if track is None:
+            return False
+        served, track.served = track.served, False
+        if self._health.traffic_interval <= self._health.interval:
+            return False
+        if (
+            served
+            and upstream.healthy
+            and not upstream.ejected_until
+            and not upstream.consecutive_failures
+            and self._clock() - track.checked_at < self._health.traffic_interval
+        ):
+            track.skipped += 1
+            return True
+        return False
 
     def _session(self, upstream: Upstream, address: Address) -> aiohttp.ClientSession:
         """The one session ``upstream`` is checked through, opened on first use."""
@@ -430,6 +470,7 @@ class HealthMonitor:
             "slow_start_remaining_seconds": round(
                 max(upstream.ramp_start + self._slow_start - now, 0.0), 3
             ),
+            "checks_skipped": track.skipped if (track := self._tracks.get(upstream)) else 0,
         }
 
 

@@ -425,6 +425,7 @@ async def test_status_reports_each_upstream(sockdir: Path, make_monitor: MakeMon
             "ejections": 0,
             "consecutive_failures": 0,
             "slow_start_remaining_seconds": 0.0,
+            "checks_skipped": 0,
         },
         "server-0-1": {
             "healthy": True,
@@ -434,8 +435,102 @@ async def test_status_reports_each_upstream(sockdir: Path, make_monitor: MakeMon
             "ejections": 1,
             "consecutive_failures": 2,
             "slow_start_remaining_seconds": 0.0,
+            "checks_skipped": 0,
         },
     }
     clock.advance(1.5)
     monitor.refresh()
     assert monitor.status()["server-0-1"]["slow_start_remaining_seconds"] == 3.0
+
+
+# -- live traffic as evidence ---------------------------------------------------------------
+
+
+async def test_traffic_vouches_for_a_healthy_upstream_until_traffic_interval(
+    sockdir: Path, make_monitor: MakeMonitor
+) -> None:
+    ups = upstreams(sockdir, 1)
+    up = ups[0]
+    clock = FakeClock()
+    config = tier(health={"interval": 1, "traffic_interval": 5})
+    monitor = make_monitor(ups, config, clock=clock)
+
+    assert not monitor.vouched_for(up), "no request yet: the check is due"
+    monitor.success(up)
+    assert not monitor.vouched_for(up), "never checked: the first check is made anyway"
+    monitor.record_check(up, True)
+    monitor._tracks[up].checked_at = clock.now  # as check_once stamps it
+
+    for _ in range(4):
+        clock.advance(1)
+        monitor.success(up)
+        assert monitor.vouched_for(up), "served since the last tick: no need to probe"
+    clock.advance(1)
+    assert not monitor.vouched_for(up), "idle since the last tick: probe it"
+    monitor.success(up)
+    assert not monitor.vouched_for(up), "traffic_interval since the last check: probe anyway"
+    assert monitor.status()[up.name]["checks_skipped"] == 4
+
+
+async def test_failing_ejected_or_unhealthy_upstreams_are_always_checked(
+    sockdir: Path, make_monitor: MakeMonitor
+) -> None:
+    ups = upstreams(sockdir, 3)
+    clock = FakeClock()
+    config = tier(
+        health={"interval": 1, "traffic_interval": 60, "fall": 1},
+        ejection={"consecutive_failures": 1, "panic_threshold": 0},
+    )
+    monitor = make_monitor(ups, config, clock=clock)
+    for up in ups:
+        monitor._tracks[up].checked_at = clock.now
+
+    monitor.success(ups[0])
+    monitor.failure(ups[0])  # a failure after the success: the evidence is mixed
+    monitor.failure(ups[1])  # ejected
+    ups[1].consecutive_failures = 0
+    monitor.success(ups[1])
+    monitor.record_check(ups[2], False)  # unhealthy, yet (in panic, say) serving
+    monitor.success(ups[2])
+    assert not ups[1].available and not ups[2].healthy
+    assert [monitor.vouched_for(up) for up in ups] == [False, False, False]
+
+
+async def test_traffic_interval_at_most_interval_checks_every_time(
+    sockdir: Path, make_monitor: MakeMonitor
+) -> None:
+    ups = upstreams(sockdir, 1)
+    monitor = make_monitor(ups, tier(health={"interval": 1, "traffic_interval": 1}))
+    monitor._tracks[ups[0]].checked_at = time.monotonic()
+    monitor.success(ups[0])
+    assert not monitor.vouched_for(ups[0])
+
+
+async def test_a_busy_upstream_is_probed_less_than_an_idle_one(
+    unix_servers: UnixServers, make_monitor: MakeMonitor
+) -> None:
+    targets = [Target(), Target()]
+    ups = []
+    for i, target in enumerate(targets):
+        address = await unix_servers.serve(target.handle, f"a{i}")
+        ups.append(Upstream(f"server-0-{i}", address, address))
+    busy, idle = ups
+    config = tier(health={"interval": 0.01, "traffic_interval": 60})
+    monitor = make_monitor(ups, config)
+    stop = asyncio.Event()
+
+    async def serve_busy() -> None:  # what the forwarder reports for live requests
+        while not stop.is_set():
+            monitor.success(busy)
+            await asyncio.sleep(0.001)  # wait-ok: a request every millisecond
+
+    driver = asyncio.create_task(serve_busy())
+    try:
+        await monitor.start()
+        await eventually(lambda: len(targets[1].paths) >= 10, "10 checks of the idle upstream")
+    finally:
+        stop.set()
+        await driver
+    assert len(targets[0].paths) <= 2, "traffic vouched for the busy upstream"
+    assert monitor.status()[busy.name]["checks_skipped"] >= 5
+    assert monitor.status()[idle.name]["checks_skipped"] == 0

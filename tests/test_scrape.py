@@ -15,8 +15,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.address import Address
+from app.admin import create_admin_app
 from app.config import TierConfig
-from app.metrics import Metrics, UpstreamMetrics
+from app.metrics import Metrics, UpstreamMetrics, parse
 from app.routing.upstream import Upstream
 from app.scrape import Report, Scraper
 from tests.conftest import FakeClock, UnixServers
@@ -274,3 +275,83 @@ async def test_scrapes_run_in_the_background_until_closed(
     await scraper.close()
     assert not scraper.running
     assert scraper_tasks() == []
+
+
+async def test_a_scrape_asks_the_admin_app_for_only_the_series_it_reads(
+    unix_servers: UnixServers, make_scraper: MakeScraper
+) -> None:
+    router = Metrics("proxy", "proxy-0")
+    upstream_metrics = UpstreamMetrics(router)
+    for i in range(64):
+        upstream_metrics.healthy.labels(*upstream_metrics.labels(f"server-0-{i}")).set(i % 2)
+        upstream_metrics.requests.labels(*upstream_metrics.labels(f"server-0-{i}"), "200").inc()
+    router.in_flight.set(5)
+    router.latency.observe(0.25)
+    bodies: list[bytes] = []
+    app = create_admin_app(router, status=dict, ready=lambda: True)
+
+    async def keep_body(request: web.Request, response: web.StreamResponse) -> None:
+        if isinstance(response, web.Response) and request.path == "/metrics":
+            assert isinstance(response.body, bytes)
+            bodies.append(response.body)
+
+    app.on_response_prepare.append(keep_body)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    unix_servers.stack.push_async_callback(runner.cleanup)
+    path = str(unix_servers.directory / "proxy-0.admin.sock")
+    await web.UnixSite(runner, path).start()
+    data = Address.unix(str(unix_servers.directory / "p.sock"))
+    up = Upstream("proxy-0", data, Address.unix(path))
+    scraper = make_scraper([up], tier())
+
+    assert await scraper.scrape(up)
+    assert (up.reported_in_flight, up.reported_health) == (5, 0.5)
+    assert up.reported_latency == pytest.approx(0.25)
+    names = {name for name, _labels, _value in parse(bodies[-1].decode())}
+    assert names == {
+        "lbstack_in_flight_requests",
+        "lbstack_queue_length",
+        "lbstack_request_duration_seconds_sum",
+        "lbstack_request_duration_seconds_count",
+        "lbstack_upstream_healthy",
+    }, "no buckets, no per-code counters, no process figures"
+    assert len(bodies[-1]) < len(generate_latest(router.registry)) / 2
+
+
+async def test_a_hanging_upstream_delays_no_other_scrape(
+    unix_servers: UnixServers, make_scraper: MakeScraper
+) -> None:
+    admins = [FakeAdmin(instance=f"server-0-{i}") for i in range(3)]
+    ups = [await serve_admin(unix_servers, f"server-0-{i}", a) for i, a in enumerate(admins)]
+    release = asyncio.Event()
+    hung = {"asked": 0, "at_once": 0, "most_at_once": 0}
+
+    async def hang(request: web.BaseRequest) -> web.StreamResponse:
+        hung["asked"] += 1
+        hung["at_once"] += 1
+        hung["most_at_once"] = max(hung["most_at_once"], hung["at_once"])
+        try:
+            await release.wait()
+        finally:
+            hung["at_once"] -= 1
+        return web.Response(text="")
+
+    stuck = Address.unix(str(unix_servers.directory / "stuck.admin.sock"))
+    await unix_servers.serve(hang, "stuck.admin")
+    ups.append(Upstream("stuck", Address.unix(str(unix_servers.directory / "s.sock")), stuck))
+    # Each scrape times out after MIN_TIMEOUT (0.25 s), ten intervals of 0.02 s or more.
+    scraper = make_scraper(ups, tier(scrape_interval=0.02))
+    await scraper.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while min(a.scrapes for a in admins) < 10:
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for scrapes"
+            await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
+    finally:
+        release.set()
+    # Scraped in one round with the others, the hung upstream would have held up every
+    # round until its timeout, and been asked once per round.
+    assert hung["asked"] <= 4 and hung["most_at_once"] == 1
+    await scraper.close()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("metrics-scrape")] == []
