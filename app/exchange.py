@@ -296,7 +296,10 @@ class Exchange:
                 if peer.task is None or peer.task.done():
                     peer.task = asyncio.create_task(self._poll(peer), name=f"poll {peer.label}")
             # Also when no answer came: views age out even if every peer is silent.
-            self.fold()
+            try:
+                self.fold()
+            except Exception:  # a bug: say so, but keep the exchange (and routing) going
+                log.exception("folding the peers' load crashed")
             await asyncio.sleep(self._interval * self._rng.uniform(*JITTER))
 
     # -- polling ---------------------------------------------------------------------------
@@ -321,7 +324,11 @@ class Exchange:
             log.exception("polling peer %s crashed", peer.label)
             problem = repr(exc)
         else:
-            self.accept(peer, view)
+            try:
+                self.accept(peer, view)
+            except Exception:  # a bug: say so, but keep the exchange (and routing) going
+                log.exception("folding the view of peer %s crashed", peer.label)
+                return False
             return True
         if self._closed:
             return False
