@@ -398,6 +398,7 @@ class Supervisor:
     def config_changed(self) -> None:
         """After a reload: what is derived from the config follows it."""
         self._write_targets()
+        self.autoscaler.reconfigure()
 
     # ---- handover: a child replaced by a successor on the same sockets (reload.py) -----
 

@@ -214,6 +214,7 @@ class _Group:
     evaluations: int = 0
     last: Decision | None = None
     logged: tuple[str, int, int] | None = None
+    retired: bool = False  # a reload changed or ended its policy: the loop stops
 
 
 class Autoscaler:
@@ -225,14 +226,44 @@ class Autoscaler:
         self._groups: dict[str, _Group] = {}
 
     def start(self) -> None:
-        for layout in self._supervisor.config.layouts():
-            if layout.autoscale.enabled and layout.server.kind != "address":
-                seed = (time.monotonic(), len(self._supervisor.servers_in(layout.index)))
-                group = _Group(
-                    layout, Recommender(layout.autoscale, seed), Signal(layout.autoscale)
-                )
-                self._groups[layout.name] = group
-                self._tasks.append(asyncio.create_task(self._run(group), name=layout.name))
+        for layout in self._autoscaled():
+            self._start(layout)
+
+    def reconfigure(self) -> None:
+        """After a reload: a group whose policy (or server kind) changed starts over with
+        the new one, a group no longer autoscaled is left to the config's size, a newly
+        autoscaled one starts; the others go on with their history."""
+        layouts = {layout.name: layout for layout in self._autoscaled()}
+        for name, group in list(self._groups.items()):
+            new = layouts.get(name)
+            if new is not None and (new.autoscale, new.server.kind) == (
+                group.layout.autoscale,
+                group.layout.server.kind,
+            ):
+                group.layout = new
+                continue
+            # Not cancelled: it may be halfway through a step. It ends at its next turn.
+            group.retired = True
+            del self._groups[name]
+            log.info("%s: autoscaling %s", name, "policy changed" if new else "turned off")
+        for name, layout in layouts.items():
+            if name not in self._groups:
+                self._start(layout)
+
+    def _autoscaled(self) -> list[GroupLayout]:
+        return [
+            layout
+            for layout in self._supervisor.config.layouts()
+            if layout.autoscale.enabled and layout.server.kind != "address"
+        ]
+
+    def _start(self, layout: GroupLayout) -> None:
+        policy = layout.autoscale
+        seed = (time.monotonic(), len(self._supervisor.servers_in(layout.index)))
+        group = _Group(layout, Recommender(policy, seed), Signal(policy))
+        self._groups[layout.name] = group
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._run(group), name=layout.name))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -243,6 +274,8 @@ class Autoscaler:
     async def _run(self, group: _Group) -> None:
         while True:
             await asyncio.sleep(group.layout.autoscale.interval)
+            if group.retired:
+                return
             await self.evaluate(group)
 
     async def evaluate(self, group: _Group) -> None:
@@ -280,6 +313,8 @@ class Autoscaler:
         async with scaler.lock:
             # Another change may have got the lock first: act only on the group as seen.
             now = len(supervisor.servers_in(layout.index))
+            if group.retired:
+                return  # a reload changed the policy while this one waited
             if now != decision.current or scaler.held(layout.name, policy.hold):
                 log.info(
                     "%s: not scaling to %d: the group changed meanwhile",
