@@ -232,6 +232,13 @@ class TierConfig(Model):
         description="How often the upstreams' /metrics are read to fold their own load into "
         "routing; 0 turns it off.",
     )
+    scrape_max_rate: float = Field(
+        32.0,
+        ge=0,
+        description="Most scrapes per second one router makes: with more upstreams than "
+        "this × scrape_interval, each is scraped every upstreams / this seconds instead. "
+        "0: no bound.",
+    )
     access_log: str = Field(
         "",
         description="JSON-lines access log: a file path ({name} becomes the component's "

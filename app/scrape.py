@@ -12,7 +12,9 @@ A scrape costs both sides: a router with 64 upstreams makes 64 requests a second
 each upstream renders its exposition. So each round spreads its scrapes evenly over
 the interval (jittered, never 64 at once), and each asks only for the series read here
 (``/metrics?name[]=...``, the filter Prometheus' own client library serves), which an
-upstream renders in a fraction of the time of its whole exposition.
+upstream renders in a fraction of the time of its whole exposition. And a router makes
+at most ``tier.scrape_max_rate`` scrapes a second: with more upstreams the round
+stretches (``interval``), so the cost stays bounded however wide the group grows.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Scraper:
     ) -> None:
         self._upstreams = tuple(u for u in upstreams if u.admin is not None)
         self._interval = tier.scrape_interval
+        self._max_rate = tier.scrape_max_rate
         self._timeout = min(max(self._interval, MIN_TIMEOUT), MAX_TIMEOUT)
         self._pool_idle = tier.timeouts.pool_idle
         # An idle upstream's latency figure fades with the same time constant as the
@@ -200,6 +203,14 @@ class Scraper:
             retiring = asyncio.create_task(session.close())
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two scrapes of one upstream now: ``scrape_interval``, or longer
+        when the upstreams are more than ``scrape_max_rate`` allows at that pace."""
+        if self._max_rate <= 0:
+            return self._interval
+        return max(self._interval, len(self._upstreams) / self._max_rate)
 
     @property
     def running(self) -> bool:
@@ -298,7 +309,7 @@ class Scraper:
         """
         while True:
             upstreams = self._upstreams
-            gap = self._interval / max(len(upstreams), 1)
+            gap = self.interval / max(len(upstreams), 1)
             for upstream in upstreams:
                 if upstream in self._memory and upstream not in self._scraping:
                     self._scraping[upstream] = task = asyncio.create_task(
