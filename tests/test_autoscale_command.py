@@ -121,12 +121,14 @@ async def _grow_and_shrink(
 
 
 async def test_own_servers_scale_on_in_flight_from_the_proxy() -> None:
-    # 20 clients at 100 ms: ~9 in flight per server at 2, over a target of 3. One server
-    # per step up (max_step_up), never more than 4 (max), one per step down, never below 2.
+    # 20 clients at 500 ms: ~10 in flight per server at 2, 5 at 4, over a target of 3 (a
+    # long latency keeps the figure steady on a busy host, and the request rate low). One
+    # server per step up (max_step_up), never more than 4 (max), one per step down, never
+    # below 2.
     policy = {"min": 2, "max": 4, "target": 3.0, "max_step_up": 1, "max_step_down": 1}
     async with running_stack(config=config(**policy)) as stack:
         steps = await _grow_and_shrink(
-            stack, signal="in_flight", path="/slow/100", workers=20, low=2, high=4
+            stack, signal="in_flight", path="/slow/500", workers=20, low=2, high=4
         )
         # Idle, the rule wants 0 servers; min keeps 2, and says so once.
         floored = "proxy-0: load below target, floored at min 2 (in_flight 0.000, target 3): "
