@@ -13,7 +13,9 @@ Then, unless ``--skip-scale``, two scale figures, each with a stack of its own a
 other load:
 
 * 64 servers behind one proxy against 3 (zero latency, wrk at c=``--connections``):
-  the throughput cost of a wide group.
+  the throughput cost of a wide group. Then 64 again with the proxy's health checks
+  and scrapes off ("quiet"): what is left is the cost of 64 server processes sharing
+  the host's cores with everything else, a floor no proxy setting moves.
 * 5,000 concurrent keep-alive client connections on the balancer's TCP listener
   (``loadtests.keepalive_clients``): each sends a GET, all are held open, each sends
   a second GET; errors are counted and the balancer's RSS before and while holding
@@ -117,6 +119,7 @@ class Options:
     servers_per_proxy: int
     hold: int
     skip_scale: bool
+    only_scale: bool
     json_path: Path
     keep: bool
 
@@ -268,13 +271,21 @@ class Results:
         runs = [r for r in self.runs if (r.system, r.connections) == (system, connections)]
         return Summary.of(runs) if runs else None
 
-    def scale_summary(self, servers: int) -> Summary | None:
-        runs = [r for r in self.scale_runs if r.system == _wide_label(servers)]
+    def scale_summary(self, servers: int, *, quiet: bool = False) -> Summary | None:
+        runs = [r for r in self.scale_runs if r.system == _wide_label(servers, quiet=quiet)]
         return Summary.of(runs) if runs else None
 
 
-def _wide_label(servers: int) -> str:
-    return f"1x{servers}"
+def _wide_label(servers: int, *, quiet: bool = False) -> str:
+    return f"1x{servers} quiet" if quiet else f"1x{servers}"
+
+
+# The scale step's stacks: (servers, quiet), quiet meaning no checks and no scrapes.
+SCALE_STACKS = (
+    (SCALE_BASE_SERVERS, False),
+    (SCALE_WIDE_SERVERS, False),
+    (SCALE_WIDE_SERVERS, True),
+)
 
 
 def _median_of_known(values: Iterable[float | None]) -> float | None:
@@ -296,14 +307,20 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def stack_config(*, proxies: int, servers_per_proxy: int, latency: str) -> str:
-    """The TOML config of a benchmarked lbstack stack (default policies, fixed latency)."""
-    return (
+def stack_config(*, proxies: int, servers_per_proxy: int, latency: str, quiet: bool = False) -> str:
+    """The TOML config of a benchmarked lbstack stack (default policies, fixed latency).
+
+    ``quiet``: the proxies neither check nor scrape their servers.
+    """
+    text = (
         f"proxies = {proxies}\nservers_per_proxy = {servers_per_proxy}\n\n"
         f"[server.simulation]\nlatency = {json.dumps(latency)}\n"
         'latency_distribution = "fixed"\n\n'
         '[supervisor]\ngraceful_timeout = "5s"\n'
     )
+    if quiet:
+        text += "\n[proxy]\nscrape_interval = 0\n\n[proxy.health]\ninterval = 0\n"
+    return text
 
 
 def lbstack_tiers(status: dict[str, Any]) -> dict[str, list[Proc]]:
@@ -352,9 +369,9 @@ class Bench:
         self.results = Results()
         self.kept: list[Path] = []
         self.done = 0
-        self.total = options.rounds * len(SYSTEMS) * 2
+        self.total = 0 if options.only_scale else options.rounds * len(SYSTEMS) * 2
         if not options.skip_scale:
-            self.total += 2 * options.rounds + 1
+            self.total += len(SCALE_STACKS) * options.rounds + 1
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -390,11 +407,12 @@ class Bench:
         proxies: int,
         servers: int,
         latency: str,
+        quiet: bool = False,
     ) -> tuple[LbstackStack, dict[str, list[Proc]]]:
         """Start a stack (stopped by ``stop``); it and its processes by tier."""
         stack = LbstackStack(
             workdir,
-            stack_config(proxies=proxies, servers_per_proxy=servers, latency=latency),
+            stack_config(proxies=proxies, servers_per_proxy=servers, latency=latency, quiet=quiet),
             ready_timeout=WIDE_READY_TIMEOUT,
         )
         began = time.monotonic()
@@ -476,7 +494,8 @@ class Bench:
     # -- the steps --------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self._step("comparison", self.compare)
+        if not self.options.only_scale:
+            await self._step("comparison", self.compare)
         if not self.options.skip_scale:
             await self._step("scale: servers", self.scale_servers)
             await self._step("scale: connections", self.hold_connections)
@@ -520,11 +539,17 @@ class Bench:
     async def scale_servers(self) -> None:
         """Throughput with 64 servers behind one proxy against 3, zero latency."""
         options = self.options
-        for servers in (SCALE_BASE_SERVERS, SCALE_WIDE_SERVERS):
-            label = _wide_label(servers)
+        for servers, quiet in SCALE_STACKS:
+            label = _wide_label(servers, quiet=quiet)
             async with self._workdir() as workdir, contextlib.AsyncExitStack() as stop:
                 stack, tiers = await self._start_stack(
-                    stop, workdir, f"scale {label}", proxies=1, servers=servers, latency="0ms"
+                    stop,
+                    workdir,
+                    f"scale {label}",
+                    proxies=1,
+                    servers=servers,
+                    latency="0ms",
+                    quiet=quiet,
                 )
                 # Servers restarted while booting ramp in over slow start: wait it out.
                 await self._warm(f"scale {label}", stack.url, workdir, SLOW_START_S)
@@ -670,10 +695,10 @@ class Bench:
             )
         return targets
 
-    def scale_cost(self) -> float | None:
+    def scale_cost(self, *, quiet: bool = False) -> float | None:
         """Throughput lost with the wide group, in % of the narrow group's."""
         base = self.results.scale_summary(SCALE_BASE_SERVERS)
-        wide = self.results.scale_summary(SCALE_WIDE_SERVERS)
+        wide = self.results.scale_summary(SCALE_WIDE_SERVERS, quiet=quiet)
         if base is None or wide is None or not base.requests_per_s:
             return None
         return (base.requests_per_s - wide.requests_per_s) / base.requests_per_s * 100
@@ -757,32 +782,42 @@ class Bench:
         for name in ("figure", "value", "target", ""):
             table.add_column(name, justify="left" if name == "figure" else "right")
         verdicts = self.targets()
-        base, wide = (results.scale_summary(n) for n in (SCALE_BASE_SERVERS, SCALE_WIDE_SERVERS))
+        stacks = [results.scale_summary(n, quiet=q) for n, q in SCALE_STACKS]
 
-        def both(pick: Callable[[Summary], str]) -> str:
-            return " → ".join("n/a" if s is None else pick(s) for s in (base, wide))
+        def each(pick: Callable[[Summary], str]) -> str:
+            return " → ".join("n/a" if s is None else pick(s) for s in stacks)
 
-        narrow_wide = f"{SCALE_BASE_SERVERS} → {SCALE_WIDE_SERVERS} servers"
+        def cpu(*tiers: str) -> Callable[[Summary], str]:
+            def pick(summary: Summary) -> str:
+                figures = [summary.cpu_us_per_request.get(tier) for tier in tiers]
+                known = [f for f in figures if f is not None]
+                return _fmt_us(sum(known) if known else None)
+
+            return pick
+
+        narrow_wide = f"{SCALE_BASE_SERVERS} → {SCALE_WIDE_SERVERS} → {SCALE_WIDE_SERVERS} quiet"
         c = self.options.connections
         table.add_row(
-            f"req/s c={c}, {narrow_wide}", both(lambda s: f"{s.requests_per_s:.0f}"), "", ""
+            f"req/s c={c}, {narrow_wide}", each(lambda s: f"{s.requests_per_s:.0f}"), "", ""
         )
         cost, held = verdicts[-2], verdicts[-1]
         table.add_row("  throughput cost", cost.value, cost.target, cost.verdict)
-        table.add_row(f"  p99 ms, {narrow_wide}", both(lambda s: _ms(s.p99_us)), "", "")
+        quiet = self.scale_cost(quiet=True)
         table.add_row(
-            f"  proxy CPU µs/req, {narrow_wide}",
-            both(lambda s: _fmt_us(s.cpu_us_per_request.get("proxies"))),
+            "  cost with the proxy's checks and scrapes off",
+            "n/a" if quiet is None else f"{quiet:.1f} %",
             "",
             "",
         )
-        table.add_row(
-            f"  total CPU µs/req, {narrow_wide}",
-            both(lambda s: _fmt_us(s.cpu_us_per_request.get("total"))),
-            "",
-            "",
-        )
-        table.add_row(f"  errors, {narrow_wide}", both(lambda s: str(s.errors)), "", "")
+        table.add_row(f"  p99 ms, {narrow_wide}", each(lambda s: _ms(s.p99_us)), "", "")
+        for label, tiers in (
+            ("balancer + proxy", ("front", "proxies")),
+            ("servers", ("servers",)),
+            ("supervisor", ("supervisor",)),
+            ("total", ("total",)),
+        ):
+            table.add_row(f"  {label} CPU µs/req, {narrow_wide}", each(cpu(*tiers)), "", "")
+        table.add_row(f"  errors, {narrow_wide}", each(lambda s: str(s.errors)), "", "")
         table.add_section()
         table.add_row(
             f"{self.options.hold:,} keep-alive connections, 2 GETs each",
@@ -850,7 +885,8 @@ class Bench:
         if not options.skip_scale:
             notes.append(
                 f"scale: each figure on a stack of its own, warmed up ≥ {SLOW_START_S} s "
-                f"(slow start); {options.hold:,} connections "
+                "(slow start); quiet: the proxy neither checks nor scrapes its servers; "
+                f"{options.hold:,} connections "
                 f"opened {HOLD_CONCURRENCY} at a time from one asyncio client, each one GET, "
                 "all held idle, then a second GET on each; KiB per idle connection = "
                 "(balancer VmRSS holding them − after a warm-up) / connections"
@@ -872,10 +908,12 @@ class Bench:
                 "servers": {
                     "runs": [run.to_json() for run in results.scale_runs],
                     "median": {
-                        _wide_label(n): (s := results.scale_summary(n)) and s.to_json()
-                        for n in (SCALE_BASE_SERVERS, SCALE_WIDE_SERVERS)
+                        _wide_label(n, quiet=q): (s := results.scale_summary(n, quiet=q))
+                        and s.to_json()
+                        for n, q in SCALE_STACKS
                     },
                     "throughput_cost_percent": _round(self.scale_cost()),
+                    "throughput_cost_quiet_percent": _round(self.scale_cost(quiet=True)),
                 },
                 "connections": results.hold and results.hold.to_json(),
             }
@@ -902,6 +940,7 @@ class Bench:
                 "threads": WRK_THREADS,
                 "hold_connections": options.hold,
                 "skip_scale": options.skip_scale,
+                "only_scale": options.only_scale,
             },
             "comparison": {
                 "runs": [run.to_json() for run in results.runs],
@@ -1023,12 +1062,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale figures")
     parser.add_argument(
+        "--only-scale", action="store_true", help="only the scale figures, no comparison"
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help="where to write the results JSON"
     )
     parser.add_argument("--keep", action="store_true", help="keep temp dirs (configs, logs)")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error(f"--warmup: expected seconds ≥ 0, found {args.warmup}")
+    if args.skip_scale and args.only_scale:
+        parser.error("--skip-scale and --only-scale: expected at most one, found both")
     return Options(
         latency=args.latency,
         connections=args.connections,
@@ -1039,6 +1083,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         servers_per_proxy=args.servers_per_proxy,
         hold=args.hold,
         skip_scale=args.skip_scale,
+        only_scale=args.only_scale,
         json_path=args.json,
         keep=args.keep,
     )
@@ -1079,8 +1124,9 @@ async def amain(options: Options) -> int:
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(time.monotonic() - began, 1),
     }
-    console.print(bench.comparison_table())
-    console.print(bench.rss_table())
+    if not options.only_scale:
+        console.print(bench.comparison_table())
+        console.print(bench.rss_table())
     if not options.skip_scale:
         console.print(bench.scale_table())
     console.print("Targets (figures only, not asserted):", markup=False)
