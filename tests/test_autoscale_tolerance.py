@@ -37,7 +37,7 @@ max = 4
 target = {TARGET}
 tolerance = {TOLERANCE}
 interval = "300ms"
-window = "1s"
+window = "2s"
 scale_up_window = "0s"
 scale_down_window = "3s"
 max_step_up = 2
@@ -77,7 +77,8 @@ async def test_steady_load_inside_the_tolerance_causes_no_scale_event() -> None:
 
             async def watched() -> bool:
                 view = await _autoscale(stack)
-                assert view["reason"] == "within tolerance", view
+                decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]
+                assert view["reason"] == "within tolerance", (view, decisions[-5:])
                 assert view["current"] == view["desired"] == 2, view
                 readings.append(view["observed"])
                 return bool(view["evaluations"] >= start + EVALUATIONS)

@@ -219,7 +219,13 @@ async def test_a_load_step_grows_the_group_and_its_end_shrinks_it() -> None:
             assert status["autoscale"]["proxy-0"]["target"] == 2
         await until(servers(1), "the group to shrink back to 1 server", timeout=45)
         assert statuses(seen) == {"200"}, seen
-        decisions = [line for line in stack.logs().splitlines() if "proxy-0: load" in line]
-        assert any("1 -> 3 servers" in line for line in decisions), decisions
-        assert any(line.endswith("-> 1 servers") for line in decisions), decisions
+        # Up by at most max_step_up (2) to at most max (3), down by max_step_down (1).
+        # (1 -> 3 at once, or 1 -> 2 -> 3 when the first window still held idle samples.)
+        steps = [
+            tuple(int(n) for n in line.rsplit(": ", 1)[1].split(" servers")[0].split(" -> "))
+            for line in stack.logs().splitlines()
+            if "proxy-0: load" in line and " -> " in line
+        ]
+        assert steps[-2:] == [(3, 2), (2, 1)], steps
+        assert steps[:-2] and all(0 < b - a <= 2 and b <= 3 for a, b in steps[:-2]), steps
         json.dumps(status)  # the status with the autoscaler's view is JSON

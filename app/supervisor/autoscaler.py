@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from app.supervisor.child import Child
 
 log = get_logger("autoscaler")
-SCRAPE_TIMEOUT = 1.0
+SCRAPE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,12 @@ class Recommender:
 @dataclass(frozen=True)
 class Reading:
     """What one evaluation read: the proxy's ``/metrics`` text (None: no answer) and the
-    CPU seconds of each server's process tree so far (name -> (pid, seconds))."""
+    CPU seconds of each server's process tree so far (name -> (pid, seconds)); when
+    nothing could be read, why."""
 
     proxy: str | None = None
     cpu: Mapping[str, tuple[int, float]] | None = None
+    problem: str | None = None
 
 
 class Signal:
@@ -215,6 +217,7 @@ class _Group:
     last: Decision | None = None
     logged: tuple[str, int, int] | None = None
     retired: bool = False  # a reload changed or ended its policy: the loop stops
+    problem: str | None = None  # why the last reading failed, if it did
 
 
 class Autoscaler:
@@ -284,7 +287,14 @@ class Autoscaler:
         supervisor = self._supervisor
         servers = supervisor.servers_in(layout.index)
         names = {c.name for c in servers}
-        group.signal.add(group.signal.sample(names, await self._read(layout, servers)))
+        reading = await self._read(layout, servers)
+        if reading.problem != group.problem:
+            if reading.problem is not None:
+                log.warning("%s: no reading of its load: %s", layout.name, reading.problem)
+            else:
+                log.info("%s: its load can be read again", layout.name)
+            group.problem = reading.problem
+        group.signal.add(group.signal.sample(names, reading))
         observed = group.signal.observed()
         scaler = supervisor.scaler
         held = None
@@ -355,15 +365,17 @@ class Autoscaler:
             pids = {c.name: c.pid for c in servers if c.pid is not None and c.state == "ready"}
             seconds = await asyncio.to_thread(tree_cpu_seconds, list(pids.values()))
             cpu = {name: (pid, seconds[pid]) for name, pid in pids.items() if pid in seconds}
-            return Reading(cpu=cpu)
+            return Reading(cpu=cpu, problem=None if cpu else "no server process found")
         proxy = self._supervisor.children.get(layout.name)
         if proxy is None or proxy.admin is None or proxy.state != "ready":
-            return Reading()
+            return Reading(problem=f"{layout.name} is not ready")
         try:
             status, body = await fetch(proxy.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return Reading()
-        return Reading(proxy=body.decode() if status == 200 else None)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return Reading(problem=f"{layout.name} did not answer GET /metrics: {exc!r}")
+        if status != 200:
+            return Reading(problem=f"{layout.name} answered GET /metrics with {status}")
+        return Reading(proxy=body.decode())
 
     def status(self) -> dict[str, Any]:
         """Per autoscaled group: its signal, how many evaluations so far, the last decision."""
@@ -377,6 +389,7 @@ class Autoscaler:
                 "min": policy.min,
                 "max": policy.max,
                 "evaluations": group.evaluations,
+                "problem": group.problem,
             }
             if group.last is not None:
                 entry.update(group.last.as_dict())
