@@ -80,8 +80,14 @@ async def fetch_json(
 
 async def probe(address: Address, path: str, timeout: float = 1.0) -> bool:
     """Whether ``path`` answers 2xx within ``timeout`` (any failure is just False)."""
+    async with session(address, timeout) as client:
+        return await answers(client, path)
+
+
+async def answers(client: aiohttp.ClientSession, path: str) -> bool:
+    """Whether ``path`` answers 2xx through ``client`` (any failure is just False)."""
     try:
-        status, _ = await fetch(address, path, timeout=timeout)
+        async with client.get(path) as response:
+            return 200 <= response.status < 300
     except (aiohttp.ClientError, TimeoutError, OSError):
         return False
-    return 200 <= status < 300
