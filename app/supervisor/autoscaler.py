@@ -279,7 +279,10 @@ class Autoscaler:
             await asyncio.sleep(group.layout.autoscale.interval)
             if group.retired:
                 return
-            await self.evaluate(group)
+            try:
+                await self.evaluate(group)
+            except Exception:  # a bug or an odd reading must not end the group's scaling
+                log.exception("%s: evaluation failed", group.layout.name)
 
     async def evaluate(self, group: _Group) -> None:
         """Read the group's signal, decide, log the decision if it is news, and act."""
@@ -288,7 +291,7 @@ class Autoscaler:
         servers = supervisor.servers_in(layout.index)
         names = {c.name for c in servers}
         reading = await self._read(layout, servers)
-        if reading.problem != group.problem:
+        if (reading.problem is None) != (group.problem is None):  # once each way
             if reading.problem is not None:
                 log.warning("%s: no reading of its load: %s", layout.name, reading.problem)
             else:
