@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -144,8 +145,9 @@ STATE_STYLE = {
 }
 
 
-def render(status: dict[str, Any], loads: dict[str, Load]) -> Table:
-    """The tree table: one row per component with its state and load."""
+def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
+    """The tree table: one row per component with its state and load; under it, each
+    autoscaled group's signal and last decision."""
     components = status["components"]
     table = Table(
         title=f"lbstack — {status['run_dir']}", title_justify="left", box=None, pad_edge=False
@@ -180,7 +182,27 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> Table:
             if share is None or (component["role"] == "balancer" and share == 1.0)
             else f"{100 * share:.0f}%",
         )
-    return table
+    autoscale = status.get("autoscale") or {}
+    if not autoscale:
+        return table
+    lines = [autoscale_line(group, entry) for group, entry in autoscale.items()]
+    return Group(table, Text("\n".join(lines), no_wrap=True, overflow="ellipsis"))
+
+
+def autoscale_line(group: str, entry: dict[str, Any]) -> str:
+    """One autoscaled group: signal, observed against target, servers now and desired."""
+    observed = entry.get("observed")
+    line = (
+        f"autoscale {group}: {entry['signal']} "
+        f"{'?' if observed is None else f'{observed:g}'} / target {entry['target']:g} "
+        f"±{100 * entry['tolerance']:.0f}%, min {entry['min']} max {entry['max']}"
+    )
+    if "desired" in entry:
+        line += f"; {entry['current']} → {entry['desired']} servers ({entry['reason']})"
+    line += f"; {entry['evaluations']} evaluations"
+    if entry.get("problem"):
+        line += f"; problem: {entry['problem']}"
+    return line
 
 
 def _ms(seconds: float) -> str:

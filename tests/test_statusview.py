@@ -90,3 +90,41 @@ def test_the_tree_shows_every_component_with_its_load_and_share() -> None:
     proxy1 = next(line for line in lines if "proxy-1" in line)
     assert "10.0" in proxy1  # error %
     assert "\x1b[" not in text  # plain text when not a terminal
+
+
+def test_the_tree_shows_each_autoscaled_group_with_its_last_decision() -> None:
+    status = _status()
+    status["autoscale"] = {
+        "proxy-0": {
+            "signal": "in_flight",
+            "target": 4.0,
+            "tolerance": 0.1,
+            "min": 1,
+            "max": 6,
+            "evaluations": 12,
+            "problem": None,
+            "current": 2,
+            "observed": 6.5,
+            "recommendation": 4,
+            "desired": 3,
+            "reason": "scale up, limited to max_step_up 1",
+        },
+        "proxy-1": {
+            "signal": "p99",
+            "target": 0.05,
+            "tolerance": 0.1,
+            "min": 1,
+            "max": 4,
+            "evaluations": 0,
+            "problem": "proxy-1 did not answer",
+        },
+    }
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=False).print(render(status, {}))
+    text = out.getvalue()
+    assert (
+        "autoscale proxy-0: in_flight 6.5 / target 4 ±10%, min 1 max 6; 2 → 3 servers "
+        "(scale up, limited to max_step_up 1); 12 evaluations" in text
+    )
+    assert "autoscale proxy-1: p99 ? / target 0.05" in text
+    assert "problem: proxy-1 did not answer" in text

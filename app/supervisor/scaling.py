@@ -92,9 +92,9 @@ class Scaler:
             log.info("%sed %s", verb, name)
             return {f"{verb}ed": name}
 
-    async def scale(self, group: str, servers: int, *, manual: bool = True) -> dict[str, Any]:
-        """Grow or shrink ``group`` (``proxy-0``) to ``servers`` servers; a manual scale
-        holds the autoscaler off the group for its ``hold`` time."""
+    async def scale(self, group: str, servers: int) -> dict[str, Any]:
+        """``lbstack scale``: grow or shrink ``group`` (``proxy-0``) to ``servers``
+        servers; it holds the autoscaler off the group for its ``hold`` time."""
         supervisor = self._supervisor
         layouts = {layout.name: layout for layout in supervisor.config.layouts()}
         layout = layouts.get(group)
@@ -108,13 +108,11 @@ class Scaler:
         if not 1 <= servers <= MAX_SERVERS:
             raise ControlError(f"expected 1 to {MAX_SERVERS} servers, found {servers}")
         async with self.lock:
-            if manual:
-                self._manual_at[group] = time.monotonic()
+            self._manual_at[group] = time.monotonic()
             try:
                 return await self.resize(layout, servers)
-            finally:
-                if manual:  # the hold counts from the end of the change, however long
-                    self._manual_at[group] = time.monotonic()
+            finally:  # the hold counts from the end of the change, however long
+                self._manual_at[group] = time.monotonic()
 
     async def resize(self, layout: GroupLayout, servers: int) -> dict[str, Any]:
         """Grow or shrink a group to ``servers``; the caller holds ``lock``."""
