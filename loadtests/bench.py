@@ -15,7 +15,9 @@ other load:
 * 64 servers behind one proxy against 3 (zero latency, wrk at c=``--connections``):
   the throughput cost of a wide group. Then 64 again with the proxy's health checks
   and scrapes off ("quiet"): what is left is the cost of 64 server processes sharing
-  the host's cores with everything else, a floor no proxy setting moves.
+  the host's cores with everything else, a floor no proxy setting moves. nginx (front
+  + one proxy) over the same 3 and 64 servers, in alternating rounds, measures that
+  floor: what a wide group costs whoever routes to it.
 * 5,000 concurrent keep-alive client connections on the balancer's TCP listener
   (``loadtests.keepalive_clients``): each sends a GET, all are held open, each sends
   a second GET; errors are counted and the balancer's RSS before and while holding
@@ -271,13 +273,17 @@ class Results:
         runs = [r for r in self.runs if (r.system, r.connections) == (system, connections)]
         return Summary.of(runs) if runs else None
 
-    def scale_summary(self, servers: int, *, quiet: bool = False) -> Summary | None:
-        runs = [r for r in self.scale_runs if r.system == _wide_label(servers, quiet=quiet)]
+    def scale_summary(
+        self, servers: int, *, quiet: bool = False, system: str = "lbstack"
+    ) -> Summary | None:
+        label = _wide_label(servers, quiet=quiet, system=system)
+        runs = [r for r in self.scale_runs if r.system == label]
         return Summary.of(runs) if runs else None
 
 
-def _wide_label(servers: int, *, quiet: bool = False) -> str:
-    return f"1x{servers} quiet" if quiet else f"1x{servers}"
+def _wide_label(servers: int, *, quiet: bool = False, system: str = "lbstack") -> str:
+    label = f"1x{servers} quiet" if quiet else f"1x{servers}"
+    return label if system == "lbstack" else f"{system} {label}"
 
 
 # The scale step's stacks: (servers, quiet), quiet meaning no checks and no scrapes.
@@ -371,7 +377,8 @@ class Bench:
         self.done = 0
         self.total = 0 if options.only_scale else options.rounds * len(SYSTEMS) * 2
         if not options.skip_scale:
-            self.total += len(SCALE_STACKS) * options.rounds + 1
+            loud = sum(1 for _, quiet in SCALE_STACKS if not quiet)
+            self.total += (len(SCALE_STACKS) + loud) * options.rounds + 1
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -537,7 +544,11 @@ class Bench:
                 self.results.peak_rss_kib[system] = {p.name: peak_rss_kib(p.pid) for p in procs}
 
     async def scale_servers(self) -> None:
-        """Throughput with 64 servers behind one proxy against 3, zero latency."""
+        """Throughput with 64 servers behind one proxy against 3, zero latency.
+
+        nginx in the same topology over the same servers (front + one proxy), in
+        alternating rounds: what 64 server processes cost whoever routes to them.
+        """
         options = self.options
         for servers, quiet in SCALE_STACKS:
             label = _wide_label(servers, quiet=quiet)
@@ -551,14 +562,26 @@ class Bench:
                     latency="0ms",
                     quiet=quiet,
                 )
-                # Servers restarted while booting ramp in over slow start: wait it out.
-                await self._warm(f"scale {label}", stack.url, workdir, SLOW_START_S)
-                for round_ in range(1, options.rounds + 1):
-                    self.results.scale_runs.append(
-                        await self._measure(
-                            label, round_, options.connections, stack.url, tiers, workdir
-                        )
+                systems = {label: (stack.url, tiers)}
+                if not quiet:
+                    topology = NginxTopology(workdir, stack.server_groups(), nginx=self.nginx)
+                    with console.status(f"scale {label}: starting nginx (front + proxy)"):
+                        await topology.start()
+                    stop.push_async_callback(topology.stop)
+                    systems[_wide_label(servers, system="nginx")] = (
+                        topology.url,
+                        nginx_tiers(topology, tiers["servers"]),
                     )
+                # Servers restarted while booting ramp in over slow start: wait it out.
+                for name, (url, _) in systems.items():
+                    await self._warm(f"scale {name}", url, workdir, SLOW_START_S)
+                for round_ in range(1, options.rounds + 1):
+                    for name, (url, procs) in systems.items():
+                        self.results.scale_runs.append(
+                            await self._measure(
+                                name, round_, options.connections, url, procs, workdir
+                            )
+                        )
 
     async def hold_connections(self) -> None:
         """The balancer holding ``--hold`` idle keep-alive client connections at once."""
@@ -695,13 +718,21 @@ class Bench:
             )
         return targets
 
-    def scale_cost(self, *, quiet: bool = False) -> float | None:
+    def scale_cost(self, *, quiet: bool = False, system: str = "lbstack") -> float | None:
         """Throughput lost with the wide group, in % of the narrow group's."""
-        base = self.results.scale_summary(SCALE_BASE_SERVERS)
-        wide = self.results.scale_summary(SCALE_WIDE_SERVERS, quiet=quiet)
+        base = self.results.scale_summary(SCALE_BASE_SERVERS, system=system)
+        wide = self.results.scale_summary(SCALE_WIDE_SERVERS, quiet=quiet, system=system)
         if base is None or wide is None or not base.requests_per_s:
             return None
         return (base.requests_per_s - wide.requests_per_s) / base.requests_per_s * 100
+
+    def scale_cost_beyond_nginx(self) -> float | None:
+        """What lbstack loses with the wide group beyond what nginx loses over the same
+        servers, in %: 1 - (lbstack's 64/3 throughput ratio) / (nginx's)."""
+        lbstack, nginx = self.scale_cost(), self.scale_cost(system="nginx")
+        if lbstack is None or nginx is None or nginx >= 100:
+            return None
+        return (1 - (100 - lbstack) / (100 - nginx)) * 100
 
     def comparison_table(self) -> Table:
         """Throughput, latency, errors and CPU per request of both systems, and ratios."""
@@ -778,7 +809,7 @@ class Bench:
     def scale_table(self) -> Table:
         """The wide-group cost and the connection-holding figures."""
         results = self.results
-        table = Table(title="Scale (lbstack alone, zero-latency servers)")
+        table = Table(title="Scale (zero-latency servers)")
         for name in ("figure", "value", "target", ""):
             table.add_column(name, justify="left" if name == "figure" else "right")
         verdicts = self.targets()
@@ -806,6 +837,27 @@ class Bench:
         table.add_row(
             "  cost with the proxy's checks and scrapes off",
             "n/a" if quiet is None else f"{quiet:.1f} %",
+            "",
+            "",
+        )
+        nginx_runs = [
+            results.scale_summary(n, system="nginx")
+            for n in (SCALE_BASE_SERVERS, SCALE_WIDE_SERVERS)
+        ]
+        table.add_row(
+            f"  nginx over the same servers, req/s {SCALE_BASE_SERVERS} → {SCALE_WIDE_SERVERS}",
+            " → ".join("n/a" if s is None else f"{s.requests_per_s:.0f}" for s in nginx_runs),
+            "",
+            "",
+        )
+        nginx = self.scale_cost(system="nginx")
+        table.add_row(
+            "  nginx's throughput cost", "n/a" if nginx is None else f"{nginx:.1f} %", "", ""
+        )
+        beyond = self.scale_cost_beyond_nginx()
+        table.add_row(
+            "  lbstack's cost beyond nginx's",
+            "n/a" if beyond is None else f"{beyond:.1f} %",
             "",
             "",
         )
@@ -914,6 +966,15 @@ class Bench:
                     },
                     "throughput_cost_percent": _round(self.scale_cost()),
                     "throughput_cost_quiet_percent": _round(self.scale_cost(quiet=True)),
+                    "nginx": {
+                        _wide_label(n, system="nginx"): (
+                            s := results.scale_summary(n, system="nginx")
+                        )
+                        and s.to_json()
+                        for n in (SCALE_BASE_SERVERS, SCALE_WIDE_SERVERS)
+                    },
+                    "nginx_throughput_cost_percent": _round(self.scale_cost(system="nginx")),
+                    "throughput_cost_beyond_nginx_percent": _round(self.scale_cost_beyond_nginx()),
                 },
                 "connections": results.hold and results.hold.to_json(),
             }

@@ -46,6 +46,8 @@ ALERTS = {
     "LbstackUpstreamEjections",
     "LbstackPanicMode",
     "LbstackRestartLoop",
+    "LbstackBalancerPeerDown",
+    "LbstackAutoscalerBlind",
 }
 
 # Grafana's built-in variables, as Grafana would set them for a 1s scrape interval
@@ -59,9 +61,18 @@ WAIT = 45.0  # longest wait for one condition (scrapes, rule evaluations)
 # The balancer splits the traffic evenly, so proxy-1 surely tries its slow server-1-2,
 # which per_try turns into timeouts (upstream errors, retries); server-0-0 answers some
 # requests 500, so the 5xx ratios have something to show.
+# Two balancers (their load exchange has data) and an autoscaled group whose bounds
+# keep it at 3 servers (the autoscaler's series have data, the topology stays put).
 STACK_CONFIG = """
+balancers = 2
+
 [balancer]
 policy = "round_robin"
+
+[autoscale]
+enabled = true
+min = 3
+max = 3
 
 [proxy.timeouts]
 per_try = "200ms"
