@@ -19,6 +19,7 @@ import aiohttp
 
 from app.address import Address
 from app.client import fetch, fetch_json
+from app.metrics import parse
 
 READY_LINE = "lbstack up:"
 START_TIMEOUT = 60.0
@@ -74,6 +75,28 @@ class Stack:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"{name} not {state} within {timeout}s: {component}")
             await asyncio.sleep(0.05)  # wait-ok: polling with a deadline
+
+    @property
+    def control(self) -> Address:
+        """The supervisor's control socket."""
+        return Address.unix(str(self.run_dir / "control.sock"))
+
+    async def autoscale(self) -> dict[str, Any]:
+        """The supervisor's view of every autoscaled group (``status --json``'s)."""
+        status, body = await fetch_json(self.control, "/status")
+        assert status == 200, body
+        return dict(body["autoscale"])
+
+    async def supervisor_samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """The supervisor's own samples of the metric ``name``: (labels, value)."""
+        status, raw = await fetch(self.control, "/metrics")
+        assert status == 200, raw
+        return [(labels, value) for n, labels, value in parse(raw.decode()) if n == name]
+
+    async def scale_events(self, group: str) -> dict[str, float]:
+        """``lbstack_scale_events_total`` of ``group``, by direction."""
+        samples = await self.supervisor_samples("lbstack_scale_events_total")
+        return {labels["direction"]: v for labels, v in samples if labels["group"] == group}
 
     async def admin(self, name: str, path: str = "/status") -> dict[str, Any]:
         """GET ``path`` on a component's admin socket (JSON)."""

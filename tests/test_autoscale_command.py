@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.address import Address
-from app.client import fetch, fetch_json
+from app.client import fetch_json
 from tests.harness import Stack, running_stack, statuses, steady_load, until
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -52,16 +52,6 @@ async def _view(stack: Stack) -> dict[str, Any]:
     servers = [c for c in body["components"] if c["role"] == "server"]
     assert all(c["admin"] is None for c in servers)  # the user's own: no admin, no /metrics
     return {"servers": [c["name"] for c in servers], **body["autoscale"]["proxy-0"]}
-
-
-async def _scale_events(stack: Stack) -> dict[str, float]:
-    _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
-    events = {}
-    for line in raw.decode().splitlines():
-        if line.startswith("lbstack_scale_events_total{") and 'group="proxy-0"' in line:
-            direction = line.split('direction="')[1].split('"')[0]
-            events[direction] = float(line.rsplit(" ", 1)[1])
-    return events
 
 
 async def _grow_and_shrink(
@@ -112,7 +102,7 @@ async def _grow_and_shrink(
         if match is not None:
             assert match[2] == signal and match[3] != "none", line
             steps.append((int(match[4]), int(match[5])))
-    events = await _scale_events(stack)
+    events = await stack.scale_events("proxy-0")
     assert events == {
         "up": sum(b - a for a, b in steps if b > a),
         "down": sum(a - b for a, b in steps if b < a),

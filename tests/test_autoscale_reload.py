@@ -3,10 +3,6 @@ off (the group goes to the config's size) and on again."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from app.address import Address
-from app.client import fetch_json
 from tests.harness import Stack, cli, running_stack, until
 
 BASE = """
@@ -31,13 +27,6 @@ def config(enabled: bool = True, max: int = 4, target: float = 4.0) -> str:
     return BASE + POLICY.format(enabled=str(enabled).lower(), max=max, target=target)
 
 
-async def _autoscale(stack: Stack) -> dict[str, Any]:
-    control = Address.unix(str(stack.run_dir / "control.sock"))
-    status, body = await fetch_json(control, "/status")
-    assert status == 200, body
-    return dict(body["autoscale"])
-
-
 async def _reload(stack: Stack, text: str) -> None:
     (stack.run_dir.parent / "lbstack.toml").write_text(text)
     out = await cli("reload", "--run-dir", str(stack.run_dir), timeout=120)
@@ -50,7 +39,7 @@ async def _evaluating(stack: Stack, target: float, after: int = 0) -> int:
 
     async def check() -> bool:
         nonlocal seen
-        view = (await _autoscale(stack)).get("proxy-0")
+        view = (await stack.autoscale()).get("proxy-0")
         if view is None or view["target"] != target or "reason" not in view:
             return False
         seen = view["evaluations"]
@@ -66,14 +55,14 @@ async def test_reload_changes_turns_off_and_on_a_groups_autoscaling() -> None:
         await _reload(stack, config(max=6, target=2.0))
         # The policy changed: its loop starts over (a new count) with the new figures.
         await _evaluating(stack, 2.0)
-        view = (await _autoscale(stack))["proxy-0"]
+        view = (await stack.autoscale())["proxy-0"]
         assert (view["max"], view["target"]) == (6, 2.0), view
 
         # Off: the group is the config's again, its size set by the reload.
         await _reload(
             stack, config(enabled=False).replace("servers_per_proxy = 2", "servers_per_proxy = 3")
         )
-        assert "proxy-0" not in await _autoscale(stack)
+        assert "proxy-0" not in await stack.autoscale()
         status = await stack.status()
         assert [c["name"] for c in status["components"] if c["role"] == "server"] == [
             "server-0-0",

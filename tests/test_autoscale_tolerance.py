@@ -4,11 +4,8 @@ the group alone, evaluation after evaluation."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from app.address import Address
-from app.client import fetch, fetch_json
-from tests.harness import Stack, running_stack, statuses, steady_load, until
+from tests.harness import running_stack, statuses, steady_load, until
 
 WORKERS = 10
 TARGET = 4.0
@@ -44,39 +41,21 @@ max_step_up = 2
 """
 
 
-async def _autoscale(stack: Stack) -> dict[str, Any]:
-    """The supervisor's view of proxy-0's autoscaling (what ``lbstack status`` prints)."""
-    control = Address.unix(str(stack.run_dir / "control.sock"))
-    status, body = await fetch_json(control, "/status")
-    assert status == 200, body
-    return dict(body["autoscale"]["proxy-0"])
-
-
-async def _scale_events(stack: Stack) -> dict[str, float]:
-    _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
-    events = {}
-    for line in raw.decode().splitlines():
-        if line.startswith("lbstack_scale_events_total{") and 'group="proxy-0"' in line:
-            direction = line.split('direction="')[1].split('"')[0]
-            events[direction] = float(line.rsplit(" ", 1)[1])
-    return events
-
-
 async def test_steady_load_inside_the_tolerance_causes_no_scale_event() -> None:
     async with running_stack(config=STEADY) as stack:
-        assert await _scale_events(stack) == {"up": 0.0, "down": 0.0}
+        assert await stack.scale_events("proxy-0") == {"up": 0.0, "down": 0.0}
         async with steady_load(stack, workers=WORKERS, path="/steady") as seen:
 
             async def in_band() -> bool:
-                view = await _autoscale(stack)
-                return view.get("reason") == "within tolerance"
+                view = (await stack.autoscale())["proxy-0"]
+                return bool(view.get("reason") == "within tolerance")
 
             await until(in_band, "the signal to settle inside the tolerance band", timeout=30)
-            start = (await _autoscale(stack))["evaluations"]
+            start = (await stack.autoscale())["proxy-0"]["evaluations"]
             readings: list[float] = []
 
             async def watched() -> bool:
-                view = await _autoscale(stack)
+                view = (await stack.autoscale())["proxy-0"]
                 decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]
                 assert view["reason"] == "within tolerance", (view, decisions[-5:])
                 assert view["current"] == view["desired"] == 2, view
@@ -87,18 +66,13 @@ async def test_steady_load_inside_the_tolerance_causes_no_scale_event() -> None:
             status = await stack.status()
         servers = [c["name"] for c in status["components"] if c["role"] == "server"]
         assert servers == ["server-0-0", "server-0-1"]
-        assert await _scale_events(stack) == {"up": 0.0, "down": 0.0}
+        assert await stack.scale_events("proxy-0") == {"up": 0.0, "down": 0.0}
         view = status["autoscale"]["proxy-0"]
         assert view["signal"] == "in_flight" and view["evaluations"] >= start + EVALUATIONS
         # Inside the band, and above the target: without the band the group would grow.
         assert all(TARGET * (1 - TOLERANCE) <= r <= TARGET * (1 + TOLERANCE) for r in readings)
         assert max(readings) > TARGET, readings
-        _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
-        evaluations = next(
-            float(line.rsplit(" ", 1)[1])
-            for line in raw.decode().splitlines()
-            if line.startswith("lbstack_autoscale_evaluations_total{")
-        )
+        [(_, evaluations)] = await stack.supervisor_samples("lbstack_autoscale_evaluations_total")
         assert evaluations >= start + EVALUATIONS
         # Logged once, not once per evaluation, and never a step.
         decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]
