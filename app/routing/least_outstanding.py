@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 
-from app.config import TierConfig
 from app.routing.policy import Policy
 from app.routing.upstream import Upstream
 
@@ -25,15 +22,7 @@ class LeastOutstanding(Policy):
 
     name = "least_outstanding"
 
-    def __init__(
-        self,
-        upstreams: Sequence[Upstream],
-        rng: random.Random | None = None,
-        *,
-        tier: TierConfig | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(upstreams, rng, tier=tier, clock=clock)
+    def _prepare(self) -> None:
         self._start = 0
 
     def pick(self, exclude: Collection[Upstream] = ()) -> Upstream | None:

@@ -53,11 +53,8 @@ The cost of upstream ``u`` at time ``now``::
 from __future__ import annotations
 
 import math
-import random
-import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 
-from app.config import TierConfig
 from app.routing.policy import Policy
 from app.routing.upstream import Upstream
 
@@ -85,15 +82,7 @@ class P2CEwma(Policy):
 
     name = "p2c_ewma"
 
-    def __init__(
-        self,
-        upstreams: Sequence[Upstream],
-        rng: random.Random | None = None,
-        *,
-        tier: TierConfig | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(upstreams, rng, tier=tier, clock=clock)
+    def _prepare(self) -> None:
         self.decay = self.tier.decay
         interval = self.tier.scrape_interval
         # How old a report may be and still count; with no scraping, none counts.

@@ -40,6 +40,11 @@ class Policy(ABC):
         self.clock = clock
         self.tier = tier if tier is not None else _DEFAULT_TIER
         self.slow_start = self.tier.slow_start
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """A policy's own state, set up once the base's is (a hook for subclasses)."""
+        return  # a hook, not an obligation
 
     @abstractmethod
     def pick(self, exclude: Collection[Upstream] = ()) -> Upstream | None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 
-from app.config import TierConfig
 from app.routing.policy import Policy
 from app.routing.upstream import Upstream
 
@@ -23,15 +20,7 @@ class RoundRobin(Policy):
 
     name = "round_robin"
 
-    def __init__(
-        self,
-        upstreams: Sequence[Upstream],
-        rng: random.Random | None = None,
-        *,
-        tier: TierConfig | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(upstreams, rng, tier=tier, clock=clock)
+    def _prepare(self) -> None:
         # Running scores, index for index with ``_bound``, the upstreams they were
         # kept for: ``upstreams`` may be replaced at any time.
         self._bound: tuple[Upstream, ...] = ()
