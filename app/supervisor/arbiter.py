@@ -435,6 +435,7 @@ class Supervisor:
         self._sockets[canonical] = self._sockets.pop(successor)
         old.admin, old.ready_check = retiring, (retiring, "/readyz")
         new.admin, new.ready_check = canonical, (canonical, "/readyz")
+        new.draining = old.draining  # the routers' drain is by name: it still stands
         self.children[new.name] = new
         self.retiring.append(old)
 
