@@ -32,6 +32,8 @@ class UpstreamSpec(BaseModel):
     address: AddressField
     admin: AddressField | None = None
     health_path: str = "/healthz"
+    # Drained (lbstack drain, a scale-down): a router (re)started now must not undo it.
+    draining: bool = False
 
 
 class ChildSpec(BaseModel):

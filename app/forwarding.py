@@ -404,7 +404,9 @@ class Forwarder:
 
     def _new_upstream(self, spec: UpstreamSpec) -> Upstream:
         weight = self.tier.weights.get(spec.name, 1.0)
-        return Upstream(spec.name, spec.address, spec.admin, spec.health_path, weight=weight)
+        upstream = Upstream(spec.name, spec.address, spec.admin, spec.health_path, weight=weight)
+        upstream.draining = spec.draining
+        return upstream
 
     def _new_link(self, upstream: Upstream) -> _Link:
         return _Link(upstream, self._upstream_metrics, self._cost_reader(upstream))

@@ -177,3 +177,33 @@ async def test_a_draining_component_says_connection_close_and_not_ready() -> Non
             async with session.get("http://x/") as response:
                 assert response.status == 200
                 assert response.headers["Connection"].lower() == "close"
+
+
+async def test_a_drain_outlives_the_replacement_and_the_restart_of_the_router() -> None:
+    """A drain lives in the routers; a router replaced or restarted must not undo it."""
+    async with running_stack(*TOPOLOGY, config=CONFIG) as stack:
+        run_dir = ("--run-dir", str(stack.run_dir))
+        assert (await cli("drain", "server-0-1", *run_dir)).returncode == 0
+
+        async def drained() -> dict[str, bool]:
+            view = await stack.admin("proxy-0", "/upstreams")
+            return {u["name"]: u["draining"] for u in view["upstreams"]}
+
+        assert await drained() == {"server-0-0": False, "server-0-1": True}
+        out = await cli("restart", "--rolling", "proxy-0", *run_dir, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert await drained() == {"server-0-0": False, "server-0-1": True}
+
+        before = await stack.component("proxy-0")
+        os.kill(before["pid"], signal.SIGKILL)
+
+        async def restarted() -> bool:
+            now = await stack.component("proxy-0")
+            return bool(now["state"] == "ready" and now["pid"] != before["pid"])
+
+        await until(restarted, "proxy-0 to be restarted")
+        assert await drained() == {"server-0-0": False, "server-0-1": True}
+        assert (await stack.component("server-0-1"))["state"] == "draining"
+        async with steady_load(stack, workers=2) as seen:
+            await served_after(stack, seen, 40)
+        assert not [key for key in seen if key.endswith(":server-0-1")], seen

@@ -314,6 +314,7 @@ class Supervisor:
                 address=self.children[n].listen[0],
                 admin=self.children[n].admin,
                 health_path=server.health_path,
+                draining=self.children[n].draining,
             )
             for n in names
         )
@@ -332,7 +333,7 @@ class Supervisor:
     def _plan_balancer(self, index: int, admin: Address | None = None) -> Child:
         def proxies() -> tuple[UpstreamSpec, ...]:
             return tuple(
-                UpstreamSpec(name=c.name, address=c.listen[0], admin=c.admin)
+                UpstreamSpec(name=c.name, address=c.listen[0], admin=c.admin, draining=c.draining)
                 for c in self.children.values()
                 if c.role == "proxy"
             )
