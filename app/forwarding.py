@@ -541,23 +541,14 @@ class Forwarder:
         if upstream.draining:
             link.stop_pooling()
         _stop_pooling(old)
-        task = asyncio.create_task(self._close_when_free(old), name=f"recycle {name}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        connector = old.connector
+        self._close_when_idle(
+            link,
+            old,
+            lambda: connector is not None and bool(connector._acquired or connector._waiters),
+        )
         log.info("upstream %s: new connections from now on", name)
         return upstream
-
-    async def _close_when_free(self, session: aiohttp.ClientSession) -> None:
-        """Close a recycled pool once no request uses it (or after ``retire_timeout``)."""
-        connector = session.connector
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retire_timeout
-        try:
-            # Polled, like _retire: the hot path keeps no count of its own for this.
-            while connector is not None and connector._acquired and loop.time() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(_RETIRE_POLL)
-        finally:
-            await session.close()
 
     def undrain(self, name: str) -> Upstream:
         """Route to ``name`` again, with slow start (once it is healthy)."""
@@ -588,33 +579,41 @@ class Forwarder:
         link.detach()
         log.info("upstream %s removed (%d in flight)", name, upstream.in_flight)
         if link.session is not None:
-            task = asyncio.create_task(self._retire(link), name=f"retire {name}")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._close_when_idle(link, link.session, lambda: upstream.in_flight > 0)
         return upstream
 
-    async def _retire(self, link: _Link) -> None:
-        """Close a removed upstream's pool once its last request in flight is over."""
-        upstream = link.upstream
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retire_timeout
-        try:
-            # Polled: counting down to zero on the hot path would cost every request.
-            while upstream.in_flight > 0:
-                if loop.time() >= deadline:
-                    log.warning(
-                        "upstream %s: %d requests still in flight %g s after its removal; "
-                        "closing its connections",
-                        upstream.name,
-                        upstream.in_flight,
-                        self.retire_timeout,
-                    )
-                    break
-                await asyncio.sleep(_RETIRE_POLL)
-        finally:
-            session, link.session = link.session, None
-            if session is not None:
+    def _close_when_idle(
+        self, link: _Link, session: aiohttp.ClientSession, busy: Callable[[], bool]
+    ) -> None:
+        """Close ``link``'s pool ``session`` once ``busy()`` is false, in the background.
+
+        For a removed upstream (its requests in flight) and a recycled pool (its
+        requests still on old connections): the requests finish, then the pool closes
+        — or after ``retire_timeout``, cutting what is left.
+        """
+
+        async def close() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.retire_timeout
+            try:
+                # Polled: counting down to zero on the hot path would cost every request.
+                while busy():
+                    if loop.time() >= deadline:
+                        log.warning(
+                            "upstream %s: requests still on a retired pool %g s on; closing it",
+                            link.upstream.name,
+                            self.retire_timeout,
+                        )
+                        break
+                    await asyncio.sleep(_RETIRE_POLL)
+            finally:
+                if link.session is session:  # removed (a recycled link has a new one)
+                    link.session = None
                 await session.close()
+
+        task = asyncio.create_task(close(), name=f"retire pool of {link.upstream.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _wake(self, count: int) -> None:
         """Let up to ``count`` queued requests try again: slots were added."""

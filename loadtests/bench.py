@@ -438,6 +438,22 @@ class Bench:
         )
         return stack, lbstack_tiers(status)
 
+    async def _start_nginx(
+        self,
+        stop: contextlib.AsyncExitStack,
+        workdir: Path,
+        what: str,
+        stack: LbstackStack,
+        lbstack_procs: dict[str, list[Proc]],
+    ) -> tuple[str, dict[str, list[Proc]]]:
+        """nginx in ``stack``'s shape over its servers (stopped by ``stop``): its URL and
+        its processes by tier, the shared servers included."""
+        topology = NginxTopology(workdir, stack.server_groups(), nginx=self.nginx)
+        with console.status(f"{what}: starting nginx (front + proxies)"):
+            await topology.start()
+        stop.push_async_callback(topology.stop)
+        return topology.url, nginx_tiers(topology, lbstack_procs["servers"])
+
     def _stopped(self, what: str, stack: LbstackStack) -> None:
         problems = stack.log_problems()
         if problems:
@@ -520,12 +536,10 @@ class Bench:
                 latency=options.latency,
             )
             tiers = {"lbstack": lbstack_procs}
-            topology = NginxTopology(workdir, stack.server_groups(), nginx=self.nginx)
-            with console.status("comparison: starting nginx (front + proxies)"):
-                await topology.start()
-            stop.push_async_callback(topology.stop)
-            tiers["nginx"] = nginx_tiers(topology, tiers["lbstack"]["servers"])
-            urls = {"lbstack": stack.url, "nginx": topology.url}
+            nginx_url, tiers["nginx"] = await self._start_nginx(
+                stop, workdir, "comparison", stack, tiers["lbstack"]
+            )
+            urls = {"lbstack": stack.url, "nginx": nginx_url}
             for system in SYSTEMS:
                 await self._warm(f"comparison {system}", urls[system], workdir)
             for round_ in range(1, options.rounds + 1):
@@ -564,13 +578,8 @@ class Bench:
                 )
                 systems = {label: (stack.url, tiers)}
                 if not quiet:
-                    topology = NginxTopology(workdir, stack.server_groups(), nginx=self.nginx)
-                    with console.status(f"scale {label}: starting nginx (front + proxy)"):
-                        await topology.start()
-                    stop.push_async_callback(topology.stop)
-                    systems[_wide_label(servers, system="nginx")] = (
-                        topology.url,
-                        nginx_tiers(topology, tiers["servers"]),
+                    systems[_wide_label(servers, system="nginx")] = await self._start_nginx(
+                        stop, workdir, f"scale {label}", stack, tiers
                     )
                 # Servers restarted while booting ramp in over slow start: wait it out.
                 for name, (url, _) in systems.items():

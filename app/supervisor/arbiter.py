@@ -441,17 +441,14 @@ class Supervisor:
         self.retiring.append(old)
 
     def release(self, child: Child) -> None:
-        """Forget a stopped predecessor: close and remove its retiring admin socket."""
+        """Forget a stopped handover party (a drained predecessor, or a successor that never
+        took over): close and remove the admin socket it was left with."""
         self.retiring = [c for c in self.retiring if c is not child]
         if child.admin is not None:
             sock = self._sockets.pop(child.admin, None)
             if sock is not None:
                 sock.close()
                 sockets.unlink(child.admin)
-
-    def abandon(self, successor: Child) -> None:
-        """Forget a successor that never took over: its admin socket goes."""
-        self.release(successor)
 
     def upstream_spec(self, child: Child) -> dict[str, Any]:
         """What a router's POST /upstreams takes for ``child``."""

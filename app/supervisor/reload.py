@@ -145,7 +145,7 @@ class Reloader:
         new.start()
         if not await new.wait_ready():
             await new.stop(timeout)
-            supervisor.abandon(new)
+            supervisor.release(new)  # its successor admin socket goes
             raise ControlError(
                 f"{old.name}'s successor did not become ready ({new.last_exit}); "
                 f"{old.name} kept as it was"
