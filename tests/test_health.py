@@ -55,6 +55,15 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+async def served(unix_servers: UnixServers, targets: list[Target]) -> list[Upstream]:
+    """One upstream per target, each served (data and admin) on a socket of its own."""
+    ups = []
+    for i, target in enumerate(targets):
+        address = await unix_servers.serve(target.handle, f"a{i}")
+        ups.append(Upstream(f"server-0-{i}", address, address))
+    return ups
+
+
 def upstreams(sockdir: Path, count: int) -> list[Upstream]:
     """Upstreams whose addresses nothing serves (for tests that never probe)."""
     return [
@@ -193,10 +202,7 @@ async def test_background_checks_take_an_upstream_out_and_back(
     unix_servers: UnixServers, make_monitor: MakeMonitor
 ) -> None:
     targets = [Target(), Target()]
-    ups = []
-    for i, target in enumerate(targets):
-        address = await unix_servers.serve(target.handle, f"a{i}")
-        ups.append(Upstream(f"server-0-{i}", address, address))
+    ups = await served(unix_servers, targets)
     config = tier(health={"interval": 0.01, "rise": 2, "fall": 2}, ejection={"panic_threshold": 0})
     monitor = make_monitor(ups, config)
     await monitor.start()
@@ -510,10 +516,7 @@ async def test_a_busy_upstream_is_probed_less_than_an_idle_one(
     unix_servers: UnixServers, make_monitor: MakeMonitor
 ) -> None:
     targets = [Target(), Target()]
-    ups = []
-    for i, target in enumerate(targets):
-        address = await unix_servers.serve(target.handle, f"a{i}")
-        ups.append(Upstream(f"server-0-{i}", address, address))
+    ups = await served(unix_servers, targets)
     busy, idle = ups
     config = tier(health={"interval": 0.01, "traffic_interval": 60})
     monitor = make_monitor(ups, config)
