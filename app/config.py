@@ -446,7 +446,10 @@ class SupervisorConfig(Model):
         10.0, description="A child that ran this long is stable: its back-off starts over."
     )
     boot_failures: int = Field(
-        5, ge=1, description="Consecutive failures before ready that stop the whole stack."
+        5,
+        ge=1,
+        description="Consecutive failures before ready that stop the stack while it boots; "
+        "later they fail only the scale step or reload that started the child.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the supervisor and every child."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -207,3 +208,59 @@ async def test_a_drain_outlives_the_replacement_and_the_restart_of_the_router() 
         async with steady_load(stack, workers=2) as seen:
             await served_after(stack, seen, 40)
         assert not [key for key in seen if key.endswith(":server-0-1")], seen
+
+
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+APP_COMMAND = (
+    f"{GUNICORN} tests.apps:app -k aiohttp.GunicornWebWorker "
+    "--bind unix:{socket} --no-control-socket --workers 1"
+)
+TWO_KINDS = f"""
+[proxy]
+policy = "p2c_ewma"
+[server.simulation]
+latency = "1ms"
+[supervisor]
+restart_backoff_initial = "10ms"
+[[groups]]
+servers = 2
+[[groups]]
+servers = 1
+[groups.server]
+kind = "command"
+command = "{APP_COMMAND}"
+"""
+
+
+async def test_a_reload_that_fails_midway_is_rolled_back_and_the_stack_keeps_serving() -> None:
+    """Group 0's servers are replaced first (new latency); then group 1's new command
+    cannot start: the reload fails, group 0 gets its old config back, the proxies are
+    never touched, and nothing else stops: not the stack, not a request."""
+    async with running_stack(config=TWO_KINDS) as stack:
+        before = await pids(stack)
+        config_file(stack).write_text(
+            TWO_KINDS.replace("1ms", "2ms")
+            .replace("p2c_ewma", "least_outstanding")
+            .replace(APP_COMMAND, "false {socket}")
+        )
+        async with steady_load(stack, workers=4, posts=True) as seen:
+            await served_after(stack, seen, 50)
+            out = await cli("reload", "--run-dir", str(stack.run_dir), timeout=120)
+            assert out.returncode == 1, out.stderr
+            assert "did not become ready" in out.stderr, out.stderr
+            assert "rolled back" in out.stderr, out.stderr
+            await served_after(stack, seen, 50)
+        only_200s(seen)
+        assert stack.process.returncode is None, stack.logs()
+        after = await pids(stack)
+        assert set(after) == set(before), (before, after)
+        assert {n for n in before if before[n] != after[n]} == {"server-0-0", "server-0-1"}
+        for name in ("server-0-0", "server-0-1"):
+            simulation = (await stack.admin(name))["simulation"]
+            assert simulation["latency"] == 0.001, (name, simulation)
+        assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
+        # The next reload reads the running config, not the refused one.
+        config_file(stack).write_text(TWO_KINDS)
+        out = await cli("reload", "--run-dir", str(stack.run_dir), timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert await pids(stack) == after

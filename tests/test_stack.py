@@ -279,6 +279,63 @@ async def test_a_child_failing_at_boot_stops_the_stack_with_a_clear_message() ->
     assert not list((base / "run").glob("*.sock"))
 
 
+async def test_a_server_that_served_is_restarted_for_as_long_as_it_cannot_start() -> None:
+    """``boot_failures`` stops the stack only while it boots: a server that served and
+    then can't start again is retried (and logged) while the others serve, and comes
+    back once it can start."""
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    gate = short_tmpdir() / "gate"  # the server starts only while this file exists
+    gate.touch()
+    config = (
+        "proxies = 1\nservers_per_proxy = 2\n"
+        '[supervisor]\nboot_failures = 2\nrestart_backoff_initial = "10ms"\n'
+        'restart_backoff_max = "100ms"\n'
+        '[server]\nkind = "command"\n'
+        f"command = \"sh -c 'test -e {gate} && exec {gunicorn} tests.apps:app "
+        "-k aiohttp.GunicornWebWorker --bind unix:{socket} --no-control-socket "
+        "--workers 1'\"\n"
+    )
+    async with running_stack(config=config) as stack:
+        first = next(c for c in (await stack.status())["components"] if c["name"] == "server-0-0")
+        gate.unlink()
+        os.kill(first["pid"], signal.SIGKILL)
+
+        async def retried() -> bool:
+            return "server-0-0 failed 2 times in a row" in stack.logs()
+
+        await until(retried, "server-0-0 to fail to start twice")
+        assert "still restarted" in stack.logs()
+        # The killed master's gunicorn worker went with it: it never held the socket.
+        assert "could not start" not in stack.logs()
+        assert stack.process.returncode is None, stack.logs()
+        async with stack.session() as client:
+            for _ in range(10):
+                async with client.get("/own") as response:
+                    assert response.status == 200
+                    assert response.headers["X-Served-By"] == "server-0-1"
+        # Something else holding the server's socket is a failed start too, retried.
+        holder = socket.socket(socket.AF_UNIX)
+        path = stack.run_dir / "server-0-0.sock"
+        path.unlink(missing_ok=True)
+        holder.bind(str(path))
+        holder.listen()
+
+        async def refused() -> bool:
+            return "could not start: a live server is already listening" in stack.logs()
+
+        await until(refused, "a start to find the socket taken")
+        holder.close()
+        gate.touch()
+
+        async def back() -> bool:
+            status = await stack.status()
+            server = next(c for c in status["components"] if c["name"] == "server-0-0")
+            return bool(server["state"] == "ready" and server["pid"] != first["pid"])
+
+        await until(back, "server-0-0 to be ready again")
+        assert stack.process.returncode is None, stack.logs()
+
+
 async def test_a_group_of_own_servers_under_gunicorn() -> None:
     gunicorn = Path(sys.executable).parent / "gunicorn"
     config = (

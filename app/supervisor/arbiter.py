@@ -76,6 +76,9 @@ class Supervisor:
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self._fatal: str | None = None
         self._fatal_event = asyncio.Event()
+        # Set once every tier was ready: from then on a child that can't start fails
+        # only what started it, never the stack.
+        self._booted = False
 
     # ---- the main loop -------------------------------------------------------------
 
@@ -87,6 +90,7 @@ class Supervisor:
             self._install_signals()
             self._plan_children()
             if await self._start_tiers():
+                self._booted = True
                 self._announce()
                 self.autoscaler.start()
                 await self._loop()
@@ -146,7 +150,13 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
 
-    def _on_fatal(self, child: Child, message: str) -> None:
+    def _on_give_up(self, child: Child, message: str) -> None:
+        """A child could not be started. While the stack boots that stops the stack;
+        later it fails only what started the child (a scale step or a replacement),
+        which reports it and leaves the stack as it was."""
+        if self._booted:
+            log.error("%s: given up", message)
+            return
         if self._fatal is None:
             self._fatal = message
             log.error("giving up: %s", message)
@@ -220,7 +230,7 @@ class Supervisor:
             launch=launch,
             ready_check=ready_check,
             settings=self.config.supervisor,
-            on_fatal=self._on_fatal,
+            on_give_up=self._on_give_up,
             on_restart=self._on_restart,
         )
 

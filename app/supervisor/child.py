@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import aiohttp
 from app.address import Address
 from app.client import answers, probe, session
 from app.config import SupervisorConfig
+from app.errors import SocketError
 from app.log import get_logger
 
 log = get_logger("supervisor")
@@ -62,7 +64,10 @@ class Child:
     launch: Callable[[], Launch]
     ready_check: tuple[Address, str]
     settings: SupervisorConfig
-    on_fatal: Callable[[Child, str], None]
+    # Called when a child that never became ready failed ``boot_failures`` times in a
+    # row: its supervision ends (``wait_ready`` answers False). A child that has served
+    # before is restarted for as long as the stack runs instead.
+    on_give_up: Callable[[Child, str], None]
     on_restart: Callable[[Child], None]
     state: State = State.STOPPED
     pid: int | None = None
@@ -99,13 +104,21 @@ class Child:
             else:
                 boot_failures += 1
                 if boot_failures >= self.settings.boot_failures:
-                    self.state = State.FAILED
-                    self.on_fatal(
-                        self,
+                    message = (
                         f"{self.name} failed {boot_failures} times in a row before "
-                        f"becoming ready (last: {self.last_exit})",
+                        f"becoming ready (last: {self.last_exit})"
                     )
-                    return
+                    if not self._ready.is_set():  # it never ran: a start that can't work
+                        self.state = State.FAILED
+                        self.on_give_up(self, message)
+                        return
+                    if boot_failures == self.settings.boot_failures:
+                        log.error(
+                            "%s; it served before, so it is still restarted, every %.0fs "
+                            "at the most",
+                            message,
+                            self.settings.restart_backoff_max,
+                        )
             if self._stopping.is_set():
                 break
             if time.monotonic() - started >= self.settings.stable_after:
@@ -122,8 +135,13 @@ class Child:
 
     async def _run_once(self) -> bool:
         """Run the process until it exits; whether it became ready first."""
-        launch = self.launch()
         self.state = State.STARTING
+        try:
+            launch = self.launch()
+        except SocketError as exc:  # e.g. a leftover of the last run still holds it
+            self.last_exit = f"could not start: {exc}"
+            log.error("%s: %s", self.name, self.last_exit)
+            return False
         try:
             process = await asyncio.create_subprocess_exec(
                 *launch.argv,
@@ -155,6 +173,10 @@ class Child:
             await exited
         self.last_exit = _describe_exit(exited.result())
         self.pid = None
+        # What it left behind in its session goes with it (gunicorn workers of a killed
+        # master would hold its socket, and the next start would find it taken).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         if self._stopping.is_set():
             log.info("%s stopped (%s)", self.name, self.last_exit)
         else:

@@ -85,18 +85,16 @@ class Reloader:
                 for child in supervisor.children.values()
                 if _view(old, child) != _view(new, child)
             ]
-            supervisor.config = new
-            for child in supervisor.children.values():
-                child.settings = new.supervisor
+            self._apply(new)
+            done: list[Child] = []  # the children running the new config so far
             try:
-                replaced = await self._replace_all(_ordered(changed))
+                replaced = await self._replace_all(_ordered(changed), done)
                 balancers = await self._set_balancers(new.balancers)
                 scaled = await self._resize_groups(new)
-            except ControlError:
-                supervisor.config = old
-                for child in supervisor.children.values():
-                    child.settings = old.supervisor
-                raise
+            except ControlError as exc:
+                raise ControlError(
+                    f"reload failed: {exc}; {await self._roll_back(old, done)}"
+                ) from exc
         supervisor.config_changed()
         summary = {"replaced": replaced, "balancers": balancers, "scaled": scaled}
         log.info(
@@ -106,6 +104,26 @@ class Reloader:
             else ", ".join(f"{k} {v}" for k, v in summary.items() if v),
         )
         return summary
+
+    def _apply(self, config: Config) -> None:
+        """Make ``config`` the one new and restarted children run with."""
+        self._supervisor.config = config
+        for child in self._supervisor.children.values():
+            child.settings = config.supervisor
+
+    async def _roll_back(self, old: Config, done: list[Child]) -> str:
+        """Put ``old`` back everywhere a failed reload changed something; what it did."""
+        self._apply(old)
+        try:
+            back = await self._replace_all(_ordered(done), [])
+            await self._set_balancers(old.balancers)
+            await self._resize_groups(old)
+        except ControlError as exc:
+            log.error("rolling back the reload failed: %s", exc)
+            return f"rolling back failed too ({exc}): `lbstack status` shows what runs"
+        if not back:
+            return "nothing was changed"
+        return f"rolled back: {', '.join(back)} run the previous config again"
 
     # ---- rolling restart -------------------------------------------------------------
 
@@ -120,25 +138,29 @@ class Reloader:
                     f"no component named {', '.join(unknown)}; known: {', '.join(children)}"
                 )
             chosen = [children[n] for n in names] if names else list(children.values())
-            replaced = await self._replace_all(_ordered(chosen))
+            replaced = await self._replace_all(_ordered(chosen), [])
         log.info("rolling restart done: %d replaced", len(replaced))
         return {"replaced": replaced}
 
     # ---- the steps -------------------------------------------------------------------
 
-    async def _replace_all(self, children: list[Child]) -> list[str]:
+    async def _replace_all(self, children: list[Child], done: list[Child]) -> list[str]:
+        """Replace ``children`` in order; each successor is appended to ``done`` as soon
+        as it serves, so a failure midway leaves what changed there."""
         replaced: list[str] = []
         for child in children:
             if child.state == "external":
                 continue
             if child.role == "server" and child.admin is None:  # the user's command
-                replaced.append(await self._surge(child))
+                new = await self._surge(child)
+                replaced.append(f"{child.name}->{new.name}")
             else:
-                await self._hand_over(child)
+                new = await self._hand_over(child)
                 replaced.append(child.name)
+            done.append(new)
         return replaced
 
-    async def _hand_over(self, old: Child) -> None:
+    async def _hand_over(self, old: Child) -> Child:
         supervisor = self._supervisor
         timeout = supervisor.config.supervisor.graceful_timeout + 1.0
         new = supervisor.plan_successor(old)
@@ -163,16 +185,17 @@ class Reloader:
         supervisor.release(old)
         supervisor.metrics.replaced(new)
         log.info("%s replaced: pid %s -> %s", old.name, old_pid, new.pid)
+        return new
 
-    async def _surge(self, old: Child) -> str:
-        """A new server beside ``old``, then ``old`` drained and removed; the new name."""
+    async def _surge(self, old: Child) -> Child:
+        """A new server beside ``old``, then ``old`` drained and removed; the new one."""
         assert old.group is not None
         scaler = self._supervisor.scaler
         new = await scaler.grow(old.group, 1, event=False)
         await scaler.shrink([old], event=False)
         self._supervisor.metrics.replaced(new[0])
         log.info("%s replaced by %s", old.name, new[0].name)
-        return f"{old.name}->{new[0].name}"
+        return new[0]
 
     async def _set_balancers(self, count: int) -> list[str]:
         """Start or stop balancers until there are ``count``; what changed."""
