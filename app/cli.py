@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(verb, help=text)
         _run_dir_option(command)
         command.add_argument("name", help="e.g. server-0-2 or proxy-1")
+        if verb == "drain":
+            command.add_argument(
+                "--force",
+                action="store_true",
+                help="drain it even if that leaves its router nothing to send requests to",
+            )
 
     reload = commands.add_parser(
         "reload",
@@ -290,6 +296,8 @@ async def _membership(args: argparse.Namespace) -> int:
         path, body = "/reload", {}
     elif args.command == "restart":
         path, body = "/restart", {"names": args.names}
+    elif args.command == "drain":
+        path, body = "/drain", {"name": args.name, "force": args.force}
     else:
         path, body = f"/{args.command}", {"name": args.name}
     control = _control(args)

@@ -107,3 +107,24 @@ async def test_scale_and_drain_refuse_what_they_cannot_do() -> None:
             out = await cli(*args, "--run-dir", run_dir)
             assert out.returncode == 1, (args, out.stdout)
             assert message in out.stderr, (args, out.stderr)
+
+
+async def test_draining_the_last_upstream_of_a_router_needs_force() -> None:
+    async with running_stack("--servers-per-proxy", "2") as stack:
+        run_dir = str(stack.run_dir)
+        assert (await cli("drain", "server-0-0", "--run-dir", run_dir)).returncode == 0
+        out = await cli("drain", "server-0-1", "--run-dir", run_dir)
+        assert out.returncode == 1, out.stdout
+        assert "would leave proxy-0 nothing to send requests to" in out.stderr, out.stderr
+        assert (await stack.component("server-0-1"))["state"] == "ready"
+        async with stack.session() as client:
+            for _ in range(8):  # proxy-0 still serves, through server-0-1
+                async with client.get("/") as response:
+                    assert response.status == 200
+        # Both proxies drained: the balancer too would be left with nothing.
+        assert (await cli("drain", "proxy-1", "--run-dir", run_dir)).returncode == 0
+        out = await cli("drain", "proxy-0", "--run-dir", run_dir)
+        assert out.returncode == 1 and "would leave balancer-0" in out.stderr, out.stderr
+        out = await cli("drain", "--force", "server-0-1", "--run-dir", run_dir)
+        assert out.returncode == 0, out.stderr
+        assert (await stack.component("server-0-1"))["state"] == "draining"

@@ -78,7 +78,10 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
 
     async def drain(request: web.Request) -> web.Response:
         body = await _json_body(request, {"name": str})
-        return await _run(supervisor.scaler.drain(body["name"]))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise web.HTTPBadRequest(text=f"force: expected true or false, found {force!r}\n")
+        return await _run(supervisor.scaler.drain(body["name"], force=force))
 
     async def undrain(request: web.Request) -> web.Response:
         body = await _json_body(request, {"name": str})

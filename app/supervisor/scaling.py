@@ -75,22 +75,42 @@ class Scaler:
             return []
         return self.routers_of(child.name)
 
-    async def drain(self, name: str) -> dict[str, Any]:
-        """No new requests to ``name``; the ones in flight finish."""
-        return await self._set_draining(name, draining=True)
+    async def drain(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """No new requests to ``name``; the ones in flight finish.
+
+        Refused, unless ``force``, when a router in front would be left with nothing
+        to send requests to: every client would get a 503."""
+        return await self._set_draining(name, draining=True, force=force)
 
     async def undrain(self, name: str) -> dict[str, Any]:
         """``name`` takes new requests again (ramping in with slow start)."""
         return await self._set_draining(name, draining=False)
 
-    async def _set_draining(self, name: str, *, draining: bool) -> dict[str, Any]:
+    async def _set_draining(
+        self, name: str, *, draining: bool, force: bool = False
+    ) -> dict[str, Any]:
         verb = "drain" if draining else "undrain"
         async with self.lock:
-            for router in self.routers_of(name):
+            routers = self.routers_of(name)
+            if draining and not force:
+                for router in routers:
+                    await self._refuse_last(router, name)
+            for router in routers:
                 await call_router(router, "POST", f"/upstreams/{name}/{verb}")
             self._supervisor.children[name].draining = draining
             log.info("%sed %s", verb, name)
             return {f"{verb}ed": name}
+
+    async def _refuse_last(self, router: Child, name: str) -> None:
+        """Refuse to drain ``name`` if ``router`` has no other upstream to use."""
+        upstreams = (await call_router(router, "GET", "/upstreams"))["upstreams"]
+        others = [u["name"] for u in upstreams if u["name"] != name and u["available"]]
+        if not others:
+            raise ControlError(
+                f"draining {name} would leave {router.name} nothing to send requests to "
+                "(every other upstream is drained, down or ejected) and every client a 503; "
+                f"`lbstack drain --force {name}` drains it anyway"
+            )
 
     async def scale(self, group: str, servers: int) -> dict[str, Any]:
         """``lbstack scale``: grow or shrink ``group`` (``proxy-0``) to ``servers``
