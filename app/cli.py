@@ -25,9 +25,11 @@ from app.errors import ConfigError, ControlError, LbstackError
 from app.log import setup
 from app.rundir import RunDir
 from app.supervisor.arbiter import Supervisor
+from app.supervisor.upgrade import take_state
 
 FAULT_FLAGS = ("hang", "crash", "clear")
 CONTROL_TIMEOUT = 900.0  # a rolling restart of a big stack takes a while
+UPGRADE_TIMEOUT = 60.0  # for a re-executed supervisor to answer again
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
                 help="drain it even if that leaves its router nothing to send requests to",
             )
 
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="after installing a new lbstack: re-execute the supervisor, then roll every "
+        "child onto the new code, losing no request",
+        description="The supervisor keeps its pid, sockets and children across the exec; "
+        "the new code is checked first, and a broken install is refused (exit 1) with the "
+        "stack unchanged.",
+    )
+    _run_dir_option(upgrade)
+    upgrade.add_argument(
+        "--supervisor-only",
+        action="store_true",
+        help="re-execute the supervisor and leave the children as they run",
+    )
     reload = commands.add_parser(
         "reload",
         help="re-read the config and replace the children it changed (same as SIGHUP)",
@@ -155,11 +171,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    config = configuration.load(args.config, _overrides(args))
+    overrides = _overrides(args)
+    resume = take_state()  # set when `lbstack upgrade` re-executed this supervisor
+    config = configuration.load(args.config, overrides) if resume is None else resume.config
     setup(config.supervisor.log_level, "supervisor")
     _raise_open_files_limit()
-    overrides = _overrides(args)
-    supervisor = Supervisor(config, source=lambda: configuration.load(args.config, overrides))
+    supervisor = Supervisor(
+        config, source=lambda: configuration.load(args.config, overrides), resume=resume
+    )
     return uvloop.run(supervisor.run())
 
 
@@ -316,6 +335,53 @@ async def _membership(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _upgrade(args: argparse.Namespace) -> int:
+    """``lbstack upgrade``: the supervisor re-executes itself, then (unless
+    ``--supervisor-only``) a rolling restart moves our own children onto the new code;
+    servers the user's command runs are left alone, their code did not change."""
+    control = _control(args)
+    before = _supervisor_entry(await _get_status(control))
+    try:
+        code, answer = await fetch_json(control, "/upgrade", method="POST", body={})
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
+    if code != 200:
+        raise ControlError(answer.get("error", answer) if isinstance(answer, dict) else answer)
+    deadline = asyncio.get_running_loop().time() + UPGRADE_TIMEOUT
+    while True:  # until the new image answers
+        with contextlib.suppress(ControlError):
+            status = await _get_status(control)
+            if _supervisor_entry(status)["upgrades"] > before["upgrades"]:
+                break
+        if asyncio.get_running_loop().time() > deadline:
+            raise ControlError(f"the supervisor did not come back within {UPGRADE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.1)
+    result: dict[str, Any] = {
+        "supervisor": {
+            "pid": answer["upgrading"],
+            "upgrades": _supervisor_entry(status)["upgrades"],
+        }
+    }
+    if not args.supervisor_only:
+        ours = [
+            c["name"]
+            for c in status["components"]
+            if c["role"] != "supervisor" and c.get("admin") and c["state"] != "external"
+        ]
+        code, restarted = await fetch_json(
+            control, "/restart", method="POST", body={"names": ours}, timeout=CONTROL_TIMEOUT
+        )
+        if code != 200:
+            raise ControlError(f"supervisor upgraded; rolling the children failed: {restarted}")
+        result.update(restarted)
+    print(json.dumps(result))
+    return 0
+
+
+def _supervisor_entry(status: dict[str, Any]) -> dict[str, Any]:
+    return dict(next(c for c in status["components"] if c["role"] == "supervisor"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -325,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             status = uvloop.run(_status(args))
         elif args.command == "fault":
             status = uvloop.run(_fault(args))
+        elif args.command == "upgrade":
+            status = uvloop.run(_upgrade(args))
         else:
             status = uvloop.run(_membership(args))
     except LbstackError as exc:

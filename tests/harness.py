@@ -195,8 +195,13 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
 
 
 @contextlib.asynccontextmanager
-async def running_stack(*args: str, config: str | None = None) -> AsyncIterator[Stack]:
-    """Start ``lbstack up`` with ARGS (and a TOML config text), wait for its banner."""
+async def running_stack(
+    *args: str, config: str | None = None, cwd: Path | None = None
+) -> AsyncIterator[Stack]:
+    """Start ``lbstack up`` with ARGS (and a TOML config text), wait for its banner.
+
+    ``cwd``: where it runs; ``python -m app`` there imports the ``app`` package found
+    there first (a copy of the code a test can change)."""
     base = short_tmpdir()
     run_dir = base / "run"
     log = base / "stack.log"
@@ -214,6 +219,7 @@ async def running_stack(*args: str, config: str | None = None) -> AsyncIterator[
             stderr=log_file,
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=cwd,
         )
     stack = Stack(run_dir, process, log)
     try:

@@ -18,13 +18,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TextIO
 
 from aiohttp import web
 
 from app import sockets
-from app.address import Address
+from app.address import Address, parse_address
 from app.component import (
     ChildSpec,
     UpstreamSpec,
@@ -42,6 +42,7 @@ from app.supervisor.control import create_control_app, create_metrics_app
 from app.supervisor.reload import Reloader
 from app.supervisor.scaling import Scaler, upstream_body
 from app.supervisor.telemetry import SupervisorMetrics
+from app.supervisor.upgrade import ChildState, Resume, upgrade
 
 log = get_logger("supervisor")
 PR_SET_PDEATHSIG = 1
@@ -56,13 +57,17 @@ class Supervisor:
         config: Config,
         out: TextIO = sys.stdout,
         source: Callable[[], Config] | None = None,
+        resume: Resume | None = None,
     ) -> None:
         """``source`` re-reads the config (file and flags) for a reload."""
         self.config = config
         self.run_dir = RunDir(config.resolved_run_dir())
         self.out = out
         self.children: dict[str, Child] = {}
-        self.started_at = time.time()
+        self.started_at = resume.started_at if resume else time.time()
+        self.upgrades = resume.upgrades if resume else 0
+        self._resume = resume  # a re-executed supervisor takes over sockets and children
+        self.stopping = False
         self.metrics = SupervisorMetrics(self)
         self.metrics_address: Address | None = None
         self.scaler = Scaler(self)
@@ -85,16 +90,24 @@ class Supervisor:
     async def run(self) -> int:
         """Start the stack, serve until a stop signal or a fatal failure; the exit status."""
         try:
-            self._prepare()
+            if self._resume is None:
+                self._prepare()
+            else:
+                self._take_sockets(self._resume)
             await self._serve_control()
             self._install_signals()
             self._plan_children()
-            if await self._start_tiers():
+            if self._resume is None:
+                started = await self._start_tiers()
+            else:
+                started = await self._adopt_children(self._resume)
+            if started:
                 self._booted = True
                 self._announce()
                 self.autoscaler.start()
                 await self._loop()
         finally:
+            self.stopping = True
             if self._reloading is not None:
                 self._reloading.cancel()
             await self.autoscaler.stop()
@@ -198,13 +211,23 @@ class Supervisor:
     def _plan_children(self) -> None:
         layouts = self.config.layouts()
         for layout in layouts:
-            for index in range(layout.servers):
+            for index in self._server_indices(layout):
                 self._add(self._plan_server(layout, index))
         for layout in layouts:
             self._add(self._plan_proxy(layout))
         for index in range(self.config.balancers):
             self._add(self._plan_balancer(index))
         self._write_targets()
+
+    def _server_indices(self, layout: GroupLayout) -> list[int]:
+        """The group's servers: as the config says, or as they run when resuming (scale
+        steps and surges change both count and names)."""
+        if self._resume is None:
+            return list(range(layout.servers))
+        prefix = server_name(layout.index, 0).rsplit("-", 1)[0] + "-"
+        return [
+            int(c.name[len(prefix) :]) for c in self._resume.children if c.name.startswith(prefix)
+        ]
 
     def _add(self, child: Child | None) -> None:
         if child is not None:
@@ -289,8 +312,7 @@ class Supervisor:
         if server.kind == "address":
             return None
         data = self.run_dir.data(name)
-        sockets.clear_stale(data.path)
-        self._foreign_paths.append(data)
+        self._foreign_paths.append(data)  # its command binds it; launch clears a stale one
         argv = [
             part.replace("{socket}", data.path).replace("{name}", name)
             for part in shlex.split(server.command)
@@ -492,6 +514,67 @@ class Supervisor:
                 return False
         return True
 
+    # ---- upgrade: the supervisor re-executes itself (upgrade.py) ----------------------
+
+    def snapshot(self) -> Resume:
+        """What a re-executed supervisor needs to take over from this one."""
+        return Resume(
+            config=self.config,
+            sockets={str(address): sock.fileno() for address, sock in self._sockets.items()},
+            metrics_address=None if self.metrics_address is None else str(self.metrics_address),
+            children=tuple(
+                ChildState(
+                    name=c.name,
+                    pid=c.pid,
+                    restarts=c.restarts,
+                    draining=c.draining,
+                    started_at=c.started_at,
+                )
+                for c in self.children.values()
+            ),
+            started_at=self.started_at,
+            upgrades=self.upgrades + 1,
+        )
+
+    async def upgrade(self, answer: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Re-execute the supervisor (see upgrade.py): ``answer`` tells the client it
+        goes ahead, then this image ends; ControlError if it can't, nothing changed."""
+        async with self.scaler.lock:  # released only if the upgrade fails
+            if self.retiring:
+                raise ControlError("a replacement is still draining; try again in a moment")
+            await upgrade(self, lambda: answer({"upgrading": os.getpid()}))
+
+    def _take_sockets(self, resume: Resume) -> None:
+        """The sockets the previous image bound, by their inherited descriptors."""
+        for text, descriptor in resume.sockets.items():
+            sock = socket.socket(fileno=descriptor)
+            sock.set_inheritable(False)  # children get theirs through pass_fds
+            self._sockets[parse_address(text)] = sock
+        if resume.metrics_address is not None:
+            self.metrics_address = parse_address(resume.metrics_address)
+
+    async def _adopt_children(self, resume: Resume) -> bool:
+        """Watch the children the previous image started; start any that was between two
+        runs. Whether every one is ready."""
+        states = {c.name: c for c in resume.children}
+        for child in self.children.values():
+            state = states.get(child.name)
+            if state is not None:
+                child.restarts, child.draining = state.restarts, state.draining
+                child.started_at = state.started_at
+            if state is not None and state.pid is not None:
+                child.adopt(state.pid)
+            else:
+                child.start()
+        results = await asyncio.gather(*(c.wait_ready() for c in self.children.values()))
+        log.info(
+            "upgrade %d: supervisor re-executed (pid %d), %d children adopted",
+            self.upgrades,
+            os.getpid(),
+            len(self.children),
+        )
+        return all(results) and self._fatal is None
+
     async def _shutdown(self) -> None:
         """Balancers first, servers last; then sockets and files."""
         timeout = self.config.supervisor.graceful_timeout + 1.0
@@ -536,6 +619,7 @@ class Supervisor:
             "admin": str(self.run_dir.control),
             "started_at": self.started_at,
             "last_exit": None,
+            "upgrades": self.upgrades,
         }
         return {
             "run_dir": str(self.run_dir.path),
@@ -561,6 +645,14 @@ class Supervisor:
         tmp.replace(self.run_dir.targets_file)
 
     def _announce(self) -> None:
+        if self._resume is not None:
+            print(
+                f"lbstack upgraded: supervisor pid {os.getpid()} re-executed, "
+                f"{len(self.children)} children adopted",
+                file=self.out,
+                flush=True,
+            )
+            return
         servers = sum(layout.servers for layout in self.config.layouts())
         socket_path = self.run_dir.balancer.path
         lines = [

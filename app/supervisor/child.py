@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 import aiohttp
 
@@ -48,6 +49,65 @@ class Launch:
     preexec_fn: Callable[[], None] | None = None
 
 
+class Process(Protocol):
+    """What supervising a process needs of it: ``asyncio.subprocess.Process`` has it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+class AdoptedProcess:
+    """A child process this supervisor did not spawn in its current image: its exit is
+    seen through a pidfd, and it is reaped with ``waitpid`` (it is still our child)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] | None = None
+
+    async def wait(self) -> int:
+        if self._exited is None:
+            self._exited = asyncio.ensure_future(self._reap())
+        return await asyncio.shield(self._exited)
+
+    async def _reap(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # gone and reaped already: nothing to tell
+            self.returncode = -signal.SIGKILL
+            return self.returncode
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # a pidfd turns readable when its process exits
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        try:
+            _, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 (it has exited)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else: the status is lost
+            self.returncode = -signal.SIGKILL
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+
 @dataclass
 class Child:
     """A child process the supervisor keeps running.
@@ -75,7 +135,7 @@ class Child:
     started_at: float | None = None
     last_exit: str | None = None
     draining: bool = False  # its routers send it no new requests
-    _process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    _process: Process | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -83,6 +143,14 @@ class Child:
     def start(self) -> None:
         """Begin supervising: spawn now, and again whenever the process dies."""
         self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+
+    def adopt(self, pid: int) -> None:
+        """Begin supervising a process already running as ``pid`` (started by this
+        supervisor before it re-executed itself, so still its child); when it dies it is
+        restarted like any other."""
+        self._task = asyncio.create_task(
+            self._supervise(AdoptedProcess(pid)), name=f"supervise-{self.name}"
+        )
 
     async def wait_ready(self) -> bool:
         """Until the child is first ready (True) or supervision ended (False)."""
@@ -92,12 +160,12 @@ class Child:
         ready.cancel()
         return self._ready.is_set()
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, adopted: AdoptedProcess | None = None) -> None:
         boot_failures = 0
         backoff = self.settings.restart_backoff_initial
         while not self._stopping.is_set():
             started = time.monotonic()
-            if await self._run_once():
+            if await self._run_once(adopted):
                 boot_failures = 0
             elif self._stopping.is_set():
                 break
@@ -131,31 +199,22 @@ class Child:
             if not self._stopping.is_set():
                 self.restarts += 1
                 self.on_restart(self)
+            adopted = None
         self.state = State.STOPPED
 
-    async def _run_once(self) -> bool:
-        """Run the process until it exits; whether it became ready first."""
+    async def _run_once(self, adopted: AdoptedProcess | None = None) -> bool:
+        """Run the process (or watch the ``adopted`` one) until it exits; whether it
+        became ready first."""
         self.state = State.STARTING
-        try:
-            launch = self.launch()
-        except SocketError as exc:  # e.g. a leftover of the last run still holds it
-            self.last_exit = f"could not start: {exc}"
-            log.error("%s: %s", self.name, self.last_exit)
-            return False
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                env=launch.env,
-                pass_fds=launch.pass_fds,
-                stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the supervisor only
-                preexec_fn=launch.preexec_fn,
-            )
-        except OSError as exc:
-            self.last_exit = f"could not start {launch.argv[0]!r}: {exc.strerror}"
-            log.error("%s: %s", self.name, self.last_exit)
-            return False
-        self._process, self.pid, self.started_at = process, process.pid, time.time()
+        process: Process
+        if adopted is not None:
+            process = adopted
+        else:
+            spawned = await self._spawn()
+            if spawned is None:
+                return False
+            process, self.started_at = spawned, time.time()
+        self._process, self.pid = process, process.pid
         exited = asyncio.create_task(process.wait())
         ready = await self._await_ready(exited)
         if ready:
@@ -183,6 +242,27 @@ class Child:
             log.error("%s died: %s", self.name, self.last_exit)
         return ready
 
+    async def _spawn(self) -> asyncio.subprocess.Process | None:
+        try:
+            launch = self.launch()
+        except SocketError as exc:  # e.g. a leftover of the last run still holds it
+            self.last_exit = f"could not start: {exc}"
+            log.error("%s: %s", self.name, self.last_exit)
+            return None
+        try:
+            return await asyncio.create_subprocess_exec(
+                *launch.argv,
+                env=launch.env,
+                pass_fds=launch.pass_fds,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only
+                preexec_fn=launch.preexec_fn,
+            )
+        except OSError as exc:
+            self.last_exit = f"could not start {launch.argv[0]!r}: {exc.strerror}"
+            log.error("%s: %s", self.name, self.last_exit)
+            return None
+
     async def _await_ready(self, exited: asyncio.Task[int]) -> bool:
         address, path = self.ready_check
         deadline = time.monotonic() + self.settings.ready_timeout
@@ -195,7 +275,7 @@ class Child:
                 await asyncio.wait_for(asyncio.shield(exited), READY_POLL)
         return False
 
-    async def _watch_liveness(self, process: asyncio.subprocess.Process) -> None:
+    async def _watch_liveness(self, process: Process) -> None:
         """A live PID is not enough: a child that stops answering is killed and restarted.
 
         One kept-alive session per child: with 64 servers, a new connection per probe
@@ -261,7 +341,7 @@ class Child:
         }
 
 
-def _kill(process: asyncio.subprocess.Process, sig: int) -> None:
+def _kill(process: Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.send_signal(sig)
 

@@ -20,9 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.client import fetch
 from app.errors import ConfigError, ControlError
+from app.log import get_logger
 
 if TYPE_CHECKING:
     from app.supervisor.arbiter import Supervisor
+
+log = get_logger("supervisor")
 
 SCRAPE_TIMEOUT = 5.0
 
@@ -100,8 +103,27 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
             raise web.HTTPBadRequest(text=f"names: expected a list of names, found {names!r}\n")
         return await _run(supervisor.reloader.restart(names))
 
+    async def upgrade(request: web.Request) -> web.StreamResponse:
+        sent: list[web.StreamResponse] = []
+
+        async def answer(body: dict[str, Any]) -> None:
+            response = web.json_response(body)
+            await response.prepare(request)
+            await response.write_eof()
+            sent.append(response)
+
+        try:
+            await supervisor.upgrade(answer)  # on success this image ends in it
+        except ControlError as exc:
+            if sent:  # the exec itself failed after the answer: the log says so
+                log.error("%s", exc)
+                return sent[0]
+            return web.json_response({"error": str(exc)}, status=409)
+        raise AssertionError("Supervisor.upgrade returned")
+
     app = web.Application()
     app.router.add_get("/status", status)
+    app.router.add_post("/upgrade", upgrade)
     app.router.add_post("/reload", reload)
     app.router.add_post("/restart", restart)
     app.router.add_post("/scale", scale)
