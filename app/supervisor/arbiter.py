@@ -557,6 +557,7 @@ class Supervisor:
         """Watch the children the previous image started; start any that was between two
         runs. Whether every one is ready."""
         states = {c.name: c for c in resume.children}
+        adopted = 0
         for child in self.children.values():
             state = states.get(child.name)
             if state is not None:
@@ -564,14 +565,16 @@ class Supervisor:
                 child.started_at = state.started_at
             if state is not None and state.pid is not None:
                 child.adopt(state.pid)
+                adopted += 1
             else:
                 child.start()
         results = await asyncio.gather(*(c.wait_ready() for c in self.children.values()))
         log.info(
-            "upgrade %d: supervisor re-executed (pid %d), %d children adopted",
+            "upgrade %d: supervisor re-executed (pid %d), %d children adopted, %d started",
             self.upgrades,
             os.getpid(),
-            len(self.children),
+            adopted,
+            len(self.children) - adopted,
         )
         return all(results) and self._fatal is None
 

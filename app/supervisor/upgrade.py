@@ -77,18 +77,25 @@ async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]])
     The caller holds the membership lock: nothing changes between the snapshot and the
     exec."""
     state = supervisor.run_dir.path / STATE_FILE
-    resume = supervisor.snapshot()
-    descriptor = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(resume.model_dump_json())
     try:
+        _write(state, supervisor.snapshot())
         await _check(state, supervisor)
         await answer()
+        # Again, with no await between it and the exec: a child restarted meanwhile
+        # must be adopted by its new pid, not its old one.
+        resume = supervisor.snapshot()
+        _write(state, resume)
         log.info("upgrade %d: re-executing the supervisor (pid %d)", resume.upgrades, os.getpid())
         _exec(state, list(resume.sockets.values()))
     except BaseException:
         state.unlink(missing_ok=True)
         raise
+
+
+def _write(state: Path, resume: Resume) -> None:
+    descriptor = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(resume.model_dump_json())
 
 
 async def _check(state: Path, supervisor: Supervisor) -> None:
