@@ -11,7 +11,7 @@ from typing import Any
 
 from app.address import Address
 from app.client import fetch_json
-from tests.harness import Stack, running_stack, statuses, steady_load, until
+from tests.harness import Stack, running_stack, short_tmpdir, statuses, steady_load, until
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 # --keep-alive above the proxy's pool_idle (15 s): a pooled connection is never closed
@@ -146,3 +146,42 @@ async def test_own_servers_scale_on_the_cpu_of_their_process_trees() -> None:
             stack, signal="cpu", path="/cpu/20", workers=4, low=1, high=2
         )
     assert steps == [(1, 2), (2, 1)], steps
+
+
+async def test_a_step_whose_server_cannot_start_backs_off_and_the_group_recovers() -> None:
+    """New servers can't start while the gate file is gone: each failed step is logged,
+    the next one waits twice as long (not one try per interval, each spawning servers
+    that fail), the stack and the running server carry on, and once servers can start
+    again the group grows."""
+    gate = short_tmpdir() / "gate"
+    gate.touch()
+    gated = f"sh -c 'test -e {gate} && exec {COMMAND}'"
+    policy = {"min": 1, "max": 2, "target": 1.0, "max_step_up": 1}
+    text = config(**policy).replace(f'command = "{COMMAND}"', f'command = "{gated}"')
+    text += '[supervisor]\nboot_failures = 2\nrestart_backoff_initial = "10ms"\n'
+    async with running_stack(config=text) as stack:
+        gate.unlink()
+        async with steady_load(stack, workers=6, path="/slow/200") as seen:
+
+            async def failed() -> bool:
+                return "proxy-0: scaling to 2 failed" in stack.logs()
+
+            await until(failed, "a failed scale step", timeout=60)
+            start = (await _view(stack))["evaluations"]
+
+            async def evaluated() -> bool:
+                return bool((await _view(stack))["evaluations"] >= start + 20)
+
+            await until(evaluated, "20 more evaluations", timeout=60)
+            # One try per interval would have failed about once per evaluation.
+            failures = stack.logs().count("proxy-0: scaling to 2 failed")
+            assert failures <= 5, failures
+            assert "failed step(s), next try in" in stack.logs()
+            assert stack.process.returncode is None
+            gate.touch()
+
+            async def grown() -> bool:
+                return len((await _view(stack))["servers"]) == 2
+
+            await until(grown, "the group to grow once servers can start", timeout=90)
+        assert statuses(seen) == {"200"}, seen

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = get_logger("autoscaler")
 SCRAPE_TIMEOUT = 2.0
+FAILED_STEP_MAX_WAIT = 300.0  # the longest wait before a step is tried again
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,8 @@ class _Group:
     logged: tuple[str, int, int] | None = None
     retired: bool = False  # a reload changed or ended its policy: the loop stops
     problem: str | None = None  # why the last reading failed, if it did
+    failures: int = 0  # scale steps failed in a row (a new server that can't start)
+    retry_at: float = -math.inf  # no step before this, after a failed one
 
 
 class Autoscaler:
@@ -307,6 +310,12 @@ class Autoscaler:
             held = "held while another membership change runs"
         elif scaler.held(layout.name, policy.hold):
             held = "held after a manual scale"  # the user's size stands for ``hold``
+        elif time.monotonic() < group.retry_at:
+            # A step just failed: trying again each interval would spawn servers that
+            # can't start over and over. The wait doubles with each failure.
+            held = f"held after {group.failures} failed step(s), next try in " + (
+                f"{group.retry_at - time.monotonic():.1f}s"
+            )
         if held is not None:
             current = len(servers)
             decision = Decision(current, observed, policy.target, current, current, held)
@@ -338,7 +347,18 @@ class Autoscaler:
             try:
                 await scaler.resize(layout, decision.desired)
             except ControlError as exc:
-                log.error("%s: scaling to %d failed: %s", layout.name, decision.desired, exc)
+                group.failures += 1
+                delay = min(policy.interval * 2**group.failures, FAILED_STEP_MAX_WAIT)
+                group.retry_at = time.monotonic() + delay
+                log.error(
+                    "%s: scaling to %d failed (%s); next try in %.1fs",
+                    layout.name,
+                    decision.desired,
+                    exc,
+                    delay,
+                )
+            else:
+                group.failures = 0
 
     def _log(self, group: _Group, decision: Decision) -> None:
         """Each decision once: at info when its outcome differs from the previous one,
