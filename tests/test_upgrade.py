@@ -3,6 +3,7 @@ children, and the children roll onto the new code, losing no request (real proce
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -100,3 +101,44 @@ async def test_a_broken_install_is_refused_and_the_stack_runs_on() -> None:
         assert out.returncode == 0, out.stderr
         assert (await _supervisor(stack))["upgrades"] == 1
     shutil.rmtree(code, ignore_errors=True)
+
+
+async def test_sighups_during_the_upgrade_are_kept_and_acted_on_after_it() -> None:
+    """A SIGHUP while the upgrade holds the membership lock waits as a pending reload,
+    and one right at the exec (where its default action would end the supervisor) is
+    blocked across it: the new image acts on both."""
+    config = '[proxy]\npolicy = "p2c_ewma"\n'
+    async with running_stack(*TOPOLOGY, config=config) as stack:
+        (stack.run_dir.parent / "lbstack.toml").write_text(
+            config.replace("p2c_ewma", "least_outstanding")
+        )
+        upgrading = asyncio.create_task(
+            cli("upgrade", "--supervisor-only", "--run-dir", str(stack.run_dir), timeout=60)
+        )
+
+        async def checking() -> bool:  # the new code's check runs: the lock is held
+            return any(
+                "app.supervisor.upgrade" in " ".join(p.info["cmdline"] or [])
+                for p in psutil.process_iter(["cmdline"])
+            )
+
+        await until(checking, "the upgrade's check to run")
+        stack.process.send_signal(signal.SIGHUP)
+
+        async def execing() -> bool:
+            return "upgrade 1: re-executing" in stack.logs()
+
+        await until(execing, "the exec")
+        stack.process.send_signal(signal.SIGHUP)
+        out = await upgrading
+        assert out.returncode == 0, out.stderr
+
+        async def both() -> bool:  # the second may find the first still running
+            logs = stack.logs()
+            return logs.count("reload done") + logs.count("already running; ignored") >= 2
+
+        await until(both, "both SIGHUPs acted on", timeout=60)
+        assert "reload done" in stack.logs()
+        assert stack.process.returncode is None, stack.logs()
+        assert (await stack.admin("proxy-0"))["policy"] == "least_outstanding"
+        assert (await _supervisor(stack))["upgrades"] == 1

@@ -42,7 +42,7 @@ from app.supervisor.control import create_control_app, create_metrics_app
 from app.supervisor.reload import Reloader
 from app.supervisor.scaling import Scaler, upstream_body
 from app.supervisor.telemetry import SupervisorMetrics
-from app.supervisor.upgrade import ChildState, Resume, upgrade
+from app.supervisor.upgrade import HANDLED_SIGNALS, ChildState, Resume, upgrade
 
 log = get_logger("supervisor")
 PR_SET_PDEATHSIG = 1
@@ -160,8 +160,13 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        # An upgrade blocks them across the exec (upgrade.py): what arrived meanwhile is
+        # pending, and is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        for number in self._resume.signals if self._resume is not None else ():
+            self._signals.put_nowait(signal.Signals(number))  # received before the exec
 
     def _on_give_up(self, child: Child, message: str) -> None:
         """A child could not be started. While the stack boots that stops the stack;
@@ -534,7 +539,20 @@ class Supervisor:
             ),
             started_at=self.started_at,
             upgrades=self.upgrades + 1,
+            signals=self._unhandled_signals(),
         )
+
+    def _unhandled_signals(self) -> tuple[int, ...]:
+        """Signals received and not acted on yet: queued ones, and a SIGHUP whose reload
+        waits for the membership lock."""
+        queued = []
+        while not self._signals.empty():
+            queued.append(self._signals.get_nowait())
+        for sig in queued:  # looked at, not taken
+            self._signals.put_nowait(sig)
+        if self._reloading is not None and not self._reloading.done():
+            queued.append(signal.SIGHUP)
+        return tuple(int(s) for s in queued)
 
     async def upgrade(self, answer: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """Re-execute the supervisor (see upgrade.py): ``answer`` tells the client it

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 log = get_logger("supervisor")
 STATE_ENV = "LBSTACK_RESUME"
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # the supervisor's
 STATE_FILE = "upgrade.json"
 CHECK_TIMEOUT = 30.0
 
@@ -68,6 +70,9 @@ class Resume(BaseModel):
     children: tuple[ChildState, ...]
     started_at: float
     upgrades: int  # how many times this supervisor has re-executed itself
+    # Signals the previous image received and had not acted on yet (a SIGHUP whose reload
+    # waited for the upgrade among them): the new image acts on them.
+    signals: tuple[int, ...] = ()
 
 
 async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]]) -> None:
@@ -80,6 +85,15 @@ async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]])
     try:
         _write(state, supervisor.snapshot())
         await _check(state, supervisor)
+    except BaseException:
+        state.unlink(missing_ok=True)
+        raise
+    # From here until the new image's handlers are in place a signal waits, blocked (the
+    # mask survives the exec): a SIGHUP or SIGTERM in between would otherwise take its
+    # default action and end the supervisor. One received before this is in the
+    # snapshot's ``signals``.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
         await answer()
         # Again, with no await between it and the exec: a child restarted meanwhile
         # must be adopted by its new pid, not its old one.
@@ -88,6 +102,7 @@ async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]])
         log.info("upgrade %d: re-executing the supervisor (pid %d)", resume.upgrades, os.getpid())
         _exec(state, list(resume.sockets.values()))
     except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         state.unlink(missing_ok=True)
         raise
 
