@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         "refused (exit 2 or 1) and the stack keeps running as it was.",
     )
     _run_dir_option(reload)
+    reload.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print what a reload would replace, start, stop and "
+        "scale; change nothing",
+    )
     restart = commands.add_parser(
         "restart",
         help="replace children one at a time, new before old, losing no request",
@@ -312,7 +318,7 @@ async def _membership(args: argparse.Namespace) -> int:
     if args.command == "scale":
         path, body = "/scale", {"group": args.group, "servers": args.servers}
     elif args.command == "reload":
-        path, body = "/reload", {}
+        path, body = "/reload", {"dry_run": args.dry_run}
     elif args.command == "restart":
         path, body = "/restart", {"names": args.names}
     elif args.command == "drain":

@@ -7,6 +7,7 @@ balancer while the stack changes underneath, and requires every answer to be a 2
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -131,6 +132,29 @@ async def test_an_invalid_config_is_refused_and_the_stack_keeps_serving() -> Non
             assert "listen: changing it needs a restart" in out.stderr, out.stderr
             await served_after(stack, seen, 20)
         only_200s(seen)
+        assert await pids(stack) == before
+        assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
+
+
+async def test_a_dry_run_says_what_a_reload_would_do_and_does_nothing() -> None:
+    async with running_stack(*TOPOLOGY, config=CONFIG) as stack:
+        before = await pids(stack)
+        config_file(stack).write_text(
+            "balancers = 2\n" + CONFIG.replace("p2c_ewma", "least_outstanding")
+        )
+        out = await cli("reload", "--dry-run", "--run-dir", str(stack.run_dir))
+        assert out.returncode == 0, out.stderr
+        plan = json.loads(out.stdout)
+        assert plan == {
+            "dry_run": True,
+            # The proxies' policy changed; the balancer's peers change with their number.
+            "replaced": ["proxy-0", "proxy-1", "balancer-0"],
+            "balancers": ["+balancer-1"],
+            "scaled": {},
+        }, plan
+        config_file(stack).write_text(CONFIG.replace('"p2c_ewma"', '"fastest"'))
+        out = await cli("reload", "--dry-run", "--run-dir", str(stack.run_dir))
+        assert out.returncode == 2 and "proxy.policy" in out.stderr, out.stderr
         assert await pids(stack) == before
         assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
 

@@ -91,8 +91,12 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
         return await _run(supervisor.scaler.undrain(body["name"]))
 
     async def reload(request: web.Request) -> web.Response:
+        body = await _json_body(request, {}) if request.can_read_body else {}
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise web.HTTPBadRequest(text=f"dry_run: expected true or false, found {dry_run!r}\n")
         try:
-            return await _run(supervisor.reloader.reload())
+            return await _run(supervisor.reloader.reload(dry_run=dry_run))
         except ConfigError as exc:
             return web.json_response({"error": str(exc), "problems": exc.problems}, status=422)
 

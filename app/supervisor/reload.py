@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from app.client import fetch
+from app.component import balancer_name
 from app.config import Config
 from app.errors import ControlError
 from app.log import get_logger
@@ -60,8 +61,9 @@ class Reloader:
 
     # ---- reload ----------------------------------------------------------------------
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, *, dry_run: bool = False) -> dict[str, Any]:
         """Apply the config as it is now on disk; what changed, in a JSON-able dict.
+        With ``dry_run``, what would change, and nothing is done.
 
         ``ConfigError`` for an invalid config, ``ControlError`` for a change that needs
         a restart of the stack or a successor that did not come up.
@@ -79,16 +81,19 @@ class Reloader:
         ]
         if refusals:
             raise ControlError("reload refused: " + "; ".join(refusals))
+        if dry_run:
+            return {
+                "dry_run": True,
+                "replaced": [c.name for c in self._changed(old, new) if c.state != "external"],
+                "balancers": self._balancer_changes(new.balancers),
+                "scaled": self._group_sizes(new),
+            }
         async with supervisor.scaler.lock:
-            changed = [
-                child
-                for child in supervisor.children.values()
-                if _view(old, child) != _view(new, child)
-            ]
+            changed = self._changed(old, new)
             self._apply(new)
             done: list[Child] = []  # the children running the new config so far
             try:
-                replaced = await self._replace_all(_ordered(changed), done)
+                replaced = await self._replace_all(changed, done)
                 balancers = await self._set_balancers(new.balancers)
                 scaled = await self._resize_groups(new)
             except ControlError as exc:
@@ -104,6 +109,11 @@ class Reloader:
             else ", ".join(f"{k} {v}" for k, v in summary.items() if v),
         )
         return summary
+
+    def _changed(self, old: Config, new: Config) -> list[Child]:
+        """The children whose part of the config differs, in replacement order."""
+        children = self._supervisor.children.values()
+        return _ordered([c for c in children if _view(old, c) != _view(new, c)])
 
     def _apply(self, config: Config) -> None:
         """Make ``config`` the one new and restarted children run with."""
@@ -197,32 +207,47 @@ class Reloader:
         log.info("%s replaced by %s", old.name, new[0].name)
         return new[0]
 
+    def _balancers(self) -> list[Child]:
+        return sorted(
+            (c for c in self._supervisor.children.values() if c.role == "balancer"),
+            key=lambda c: int(c.name.rsplit("-", 1)[1]),
+        )
+
+    def _balancer_changes(self, count: int) -> list[str]:
+        """The balancers started (+) and stopped (-) to have ``count``."""
+        current = self._balancers()
+        return [f"+{balancer_name(i)}" for i in range(len(current), count)] + [
+            f"-{c.name}" for c in reversed(current[count:])
+        ]
+
     async def _set_balancers(self, count: int) -> list[str]:
         """Start or stop balancers until there are ``count``; what changed."""
         supervisor = self._supervisor
-        current = sorted(
-            (c for c in supervisor.children.values() if c.role == "balancer"),
-            key=lambda c: int(c.name.rsplit("-", 1)[1]),
-        )
-        changes: list[str] = []
+        changes = self._balancer_changes(count)
+        current = self._balancers()
         for index in range(len(current), count):
-            child = await supervisor.start_balancer(index)
-            changes.append(f"+{child.name}")
+            await supervisor.start_balancer(index)
         for child in reversed(current[count:]):
             await supervisor.stop_balancer(child)
-            changes.append(f"-{child.name}")
         return changes
+
+    def _group_sizes(self, config: Config) -> dict[str, int]:
+        """The groups without autoscaling whose size differs from ``config``'s: the size."""
+        supervisor = self._supervisor
+        return {
+            layout.name: layout.servers
+            for layout in config.layouts()
+            if layout.server.kind != "address"
+            and not layout.autoscale.enabled
+            and len(supervisor.servers_in(layout.index)) != layout.servers
+        }
 
     async def _resize_groups(self, config: Config) -> dict[str, int]:
         """Groups without autoscaling get the size the config says; what changed."""
-        supervisor = self._supervisor
-        scaled: dict[str, int] = {}
-        for layout in config.layouts():
-            if layout.server.kind == "address" or layout.autoscale.enabled:
-                continue
-            if len(supervisor.servers_in(layout.index)) != layout.servers:
-                await supervisor.scaler.resize(layout, layout.servers)
-                scaled[layout.name] = layout.servers
+        scaled = self._group_sizes(config)
+        layouts = {layout.name: layout for layout in config.layouts()}
+        for name, servers in scaled.items():
+            await self._supervisor.scaler.resize(layouts[name], servers)
         return scaled
 
 
