@@ -149,9 +149,7 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
     """The tree table: one row per component with its state and load; under it, each
     autoscaled group's signal and last decision."""
     components = status["components"]
-    table = Table(
-        title=f"lbstack — {status['run_dir']}", title_justify="left", box=None, pad_edge=False
-    )
+    table = Table(title=_title(status), title_justify="left", box=None, pad_edge=False)
     for column, justify in (
         ("NAME", "left"),
         ("STATE", "left"),
@@ -187,6 +185,33 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
         return table
     lines = [autoscale_line(group, entry) for group, entry in autoscale.items()]
     return Group(table, Text("\n".join(lines), no_wrap=True, overflow="ellipsis"))
+
+
+def _title(status: dict[str, Any], now: float | None = None) -> str:
+    """The run dir, and how long the supervisor has run and how often it was upgraded."""
+    supervisor: dict[str, Any] = next(
+        (c for c in status["components"] if c["role"] == "supervisor"), {}
+    )
+    parts = [f"lbstack — {status['run_dir']}"]
+    started = supervisor.get("started_at")
+    if started is not None:
+        parts.append(f"up {_duration((time.time() if now is None else now) - started)}")
+    if supervisor.get("upgrades"):
+        parts.append(f"upgraded {supervisor['upgrades']}×")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``7m``, ``3h05m``, ``2d04h``: the two largest units that matter."""
+    seconds = max(int(seconds), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
 
 
 def autoscale_line(group: str, entry: dict[str, Any]) -> str:

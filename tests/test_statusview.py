@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
 
+from app import statusview
 from app.metrics import Metrics, histogram_quantile
 from app.statusview import Load, Reading, load_between, render
 
@@ -128,3 +129,18 @@ def test_the_tree_shows_each_autoscaled_group_with_its_last_decision() -> None:
     )
     assert "autoscale proxy-1: p99 ? / target 0.05" in text
     assert "problem: proxy-1 did not answer" in text
+
+
+def test_the_title_says_how_long_the_supervisor_has_run_and_its_upgrades() -> None:
+    status = _status()
+    supervisor = status["components"][0]
+    assert statusview._title(status) == "lbstack — /r"  # nothing known: nothing said
+    supervisor["started_at"] = 1000.0
+    assert statusview._title(status, now=1042.9) == "lbstack — /r, up 42s"
+    supervisor["upgrades"] = 2
+    assert statusview._title(status, now=1000.0 + 3 * 3600 + 5 * 60) == (
+        "lbstack — /r, up 3h05m, upgraded 2×"
+    )
+    assert statusview._title(status, now=1000.0 + 2 * 86400 + 4 * 3600) == (
+        "lbstack — /r, up 2d04h, upgraded 2×"
+    )
