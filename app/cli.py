@@ -351,6 +351,11 @@ async def _upgrade(args: argparse.Namespace) -> int:
         code, answer = await fetch_json(control, "/upgrade", method="POST", body={})
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
+    if code == 404:  # a supervisor from before `lbstack upgrade` existed
+        raise ControlError(
+            "the running supervisor predates `lbstack upgrade`: `lbstack restart --rolling` "
+            "puts the new code in every child, and the supervisor takes it at its next start"
+        )
     if code != 200:
         raise ControlError(answer.get("error", answer) if isinstance(answer, dict) else answer)
     deadline = asyncio.get_running_loop().time() + UPGRADE_TIMEOUT
@@ -385,7 +390,9 @@ async def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _supervisor_entry(status: dict[str, Any]) -> dict[str, Any]:
-    return dict(next(c for c in status["components"] if c["role"] == "supervisor"))
+    entry = dict(next(c for c in status["components"] if c["role"] == "supervisor"))
+    entry.setdefault("upgrades", 0)  # not said by a supervisor from before upgrades
+    return entry
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import psutil
+from aiohttp import web
 
 from tests.harness import Stack, cli, running_stack, short_tmpdir, steady_load, until
 from tests.test_reload import only_200s, pids, served_after
@@ -142,3 +143,28 @@ async def test_sighups_during_the_upgrade_are_kept_and_acted_on_after_it() -> No
         assert stack.process.returncode is None, stack.logs()
         assert (await stack.admin("proxy-0"))["policy"] == "least_outstanding"
         assert (await _supervisor(stack))["upgrades"] == 1
+
+
+async def test_a_supervisor_from_before_upgrades_gets_a_clear_answer() -> None:
+    """A stack whose supervisor has no ``POST /upgrade`` (and says no ``upgrades``):
+    the command says what to do instead, exit 1."""
+    run_dir = short_tmpdir()
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"components": [{"name": "supervisor", "role": "supervisor", "pid": 1}]}
+        )
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(run_dir / "control.sock")).start()
+    try:
+        out = await cli("upgrade", "--run-dir", str(run_dir))
+    finally:
+        await runner.cleanup()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert out.returncode == 1, out.stdout
+    assert "predates `lbstack upgrade`" in out.stderr, out.stderr
+    assert "lbstack restart --rolling" in out.stderr, out.stderr
