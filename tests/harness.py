@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from app.address import Address
 from app.client import fetch, fetch_json
@@ -236,6 +237,18 @@ async def running_stack(
         if process.returncode is None:
             await stack.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, path: Path) -> AsyncIterator[Address]:
+    """Serve ``app`` on the unix socket ``path`` for the block (a stand-in server)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, str(path)).start()
+        yield Address.unix(str(path))
+    finally:
+        await runner.cleanup()
 
 
 async def _read_banner(stdout: asyncio.StreamReader) -> str:

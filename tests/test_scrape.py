@@ -22,6 +22,7 @@ from app.metrics import Metrics, UpstreamMetrics, parse
 from app.routing.upstream import Upstream
 from app.scrape import Report, Scraper
 from tests.conftest import FakeClock, UnixServers
+from tests.harness import serving
 
 WAIT = 10.0  # the longest any single step of a test may take
 ROLE, INSTANCE = "balancer", "balancer-0"
@@ -297,13 +298,11 @@ async def test_a_scrape_asks_the_admin_app_for_only_the_series_it_reads(
             bodies.append(response.body)
 
     app.on_response_prepare.append(keep_body)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    unix_servers.stack.push_async_callback(runner.cleanup)
-    path = str(unix_servers.directory / "proxy-0.admin.sock")
-    await web.UnixSite(runner, path).start()
+    admin = await unix_servers.stack.enter_async_context(
+        serving(app, unix_servers.directory / "proxy-0.admin.sock")
+    )
     data = Address.unix(str(unix_servers.directory / "p.sock"))
-    up = Upstream("proxy-0", data, Address.unix(path))
+    up = Upstream("proxy-0", data, admin)
     scraper = make_scraper([up], tier())
 
     assert await scraper.scrape(up)

@@ -17,7 +17,16 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.harness import Stack, cli, running_stack, short_tmpdir, statuses, steady_load, until
+from tests.harness import (
+    Stack,
+    cli,
+    running_stack,
+    serving,
+    short_tmpdir,
+    statuses,
+    steady_load,
+    until,
+)
 
 SERVERS = {f"server-{p}-{s}" for p in range(2) for s in range(3)}
 
@@ -379,22 +388,17 @@ async def test_a_group_of_servers_at_addresses_something_else_runs() -> None:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(base / "ext.sock")).start()
-    try:
-        config = (
-            f'[[groups]]\n[groups.server]\nkind = "address"\naddresses = ["unix:{base}/ext.sock"]\n'
-        )
-        async with (
-            running_stack(config=config) as stack,
-            stack.session() as client,
-            client.get("/") as response,
-        ):
-            assert await response.text() == "external"
-            assert response.headers["X-Served-By"] == "server-0-0"
-    finally:
-        await runner.cleanup()
+    config = (
+        f'[[groups]]\n[groups.server]\nkind = "address"\naddresses = ["unix:{base}/ext.sock"]\n'
+    )
+    async with (
+        serving(app, base / "ext.sock"),
+        running_stack(config=config) as stack,
+        stack.session() as client,
+        client.get("/") as response,
+    ):
+        assert await response.text() == "external"
+        assert response.headers["X-Served-By"] == "server-0-0"
 
 
 async def test_two_balancers_share_the_socket_and_one_dying_refuses_nobody() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from tests.harness import Stack, cli, running_stack, short_tmpdir, steady_load, until
+from tests.harness import Stack, cli, running_stack, serving, short_tmpdir, steady_load, until
 from tests.test_reload import only_200s, pids, served_after
 
 TOPOLOGY = ("--proxies", "2", "--servers-per-proxy", "2")
@@ -157,14 +157,9 @@ async def test_a_supervisor_from_before_upgrades_gets_a_clear_answer() -> None:
 
     app = web.Application()
     app.router.add_get("/status", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(run_dir / "control.sock")).start()
-    try:
+    async with serving(app, run_dir / "control.sock"):
         out = await cli("upgrade", "--run-dir", str(run_dir))
-    finally:
-        await runner.cleanup()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     assert out.returncode == 1, out.stdout
     assert "predates `lbstack upgrade`" in out.stderr, out.stderr
     assert "lbstack restart --rolling" in out.stderr, out.stderr
