@@ -12,12 +12,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.httpserver import DataServer
-from app.metrics import Metrics
+from app.httpserver import DataPlane
+from app.metrics import ComponentMetrics
 
 # The data plane serving beside this admin app, when there is one: a draining data
 # plane is not ready, so the routers in front stop sending it requests.
-DATA_SERVER = web.AppKey("data_server", DataServer)
+DATA_SERVER = web.AppKey("data_server", DataPlane)
 # On a draining /readyz: the router in front takes us out at once, without waiting for
 # ``health.fall`` failed checks (as Envoy's x-envoy-immediate-health-check-fail).
 DRAINING_HEADER = "X-Lbstack-Draining"
@@ -26,7 +26,9 @@ StatusFn = Callable[[], dict[str, Any]]
 ReadyFn = Callable[[], bool]
 
 
-def create_admin_app(metrics: Metrics, status: StatusFn, ready: ReadyFn) -> web.Application:
+def create_admin_app(
+    metrics: ComponentMetrics, status: StatusFn, ready: ReadyFn
+) -> web.Application:
     """An admin app over one component's metrics, status and readiness."""
 
     async def get_metrics(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from aiohttp import web
 from app import balancer, proxy, server
 from app.admin import DATA_SERVER
 from app.component import ChildSpec, Component, Role
-from app.httpserver import DataServer
+from app.httpserver import DataPlane
 from app.log import get_logger, setup
 from app.sockets import from_fd
 
@@ -54,7 +54,7 @@ async def serve(spec: ChildSpec, component: Component) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    server = DataServer(component.handler, **component.server_options)
+    server = component.data_server()
     component.admin[DATA_SERVER] = server
     admin = web.AppRunner(
         component.admin, access_log=None, keepalive_timeout=ADMIN_KEEPALIVE, shutdown_timeout=1.0
@@ -77,7 +77,7 @@ async def serve(spec: ChildSpec, component: Component) -> None:
     log.info("stopped")
 
 
-async def drain(server: DataServer, data: web.ServerRunner, window: float) -> None:
+async def drain(server: DataPlane, data: web.ServerRunner, window: float) -> None:
     """Stop without failing a request: the graceful half of SIGTERM.
 
     1. Draining: /readyz says 503 and every response says ``Connection: close``.

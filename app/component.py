@@ -9,15 +9,15 @@ balancer, proxy or server.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from app.config import AddressField, Config
-from app.httpserver import Handler
+from app.httpserver import DataPlane
 
 ENV_VAR = "LBSTACK_CHILD"
 Role = Literal["balancer", "proxy", "server"]
@@ -75,12 +75,11 @@ def server_name(group: int, index: int) -> str:
 class Component:
     """A child's running parts, as its role builds them.
 
-    ``handler`` serves every request on the data sockets (no router, no reserved
-    paths). ``admin`` is the admin app; resources the component holds (client sessions,
-    background tasks) live in its ``cleanup_ctx``, so they outlast the data plane's
-    graceful drain. ``server_options`` are the data plane's limits and timeouts.
+    ``data_server`` makes (in the running loop) the server of the data sockets: every
+    request, no reserved paths. ``admin`` is the admin app; resources the component
+    holds (pools, background tasks) live in its ``cleanup_ctx``, so they outlast the
+    data plane's graceful drain.
     """
 
-    handler: Handler
+    data_server: Callable[[], DataPlane]
     admin: web.Application
-    server_options: Mapping[str, Any] = field(default_factory=dict)

@@ -212,6 +212,15 @@ class Retries(Model):
         (502, 503, 504),
         description="Upstream answers that an idempotent request is retried on elsewhere.",
     )
+    reached_attempts: int = Field(
+        2,
+        ge=1,
+        description="Most tries of one request that may have reached an upstream (it "
+        "answered with one of statuses, lost the connection after the request was sent, "
+        "or timed out); tries that never reached one (connect failures) don't count. "
+        "With the balancer's empty statuses, one client request reaches at most this "
+        "many servers.",
+    )
 
 
 class TierConfig(Model):
@@ -293,9 +302,21 @@ class ExchangeConfig(Model):
         return self
 
 
+class BalancerRetries(Retries):
+    """The balancer's retries: a 5xx answer is retried at the proxies, not here too."""
+
+    statuses: tuple[int, ...] = Field(
+        (),
+        description="Upstream answers that an idempotent request is retried on elsewhere. "
+        "None by default at the balancer: a response-level retry happens at one tier only, "
+        "so one client request never fans out.",
+    )
+
+
 class BalancerConfig(TierConfig):
     """The balancer tier: a forwarding tier, plus the load exchange between balancers."""
 
+    retries: BalancerRetries = BalancerRetries()
     exchange: ExchangeConfig = ExchangeConfig()
 
 

@@ -48,7 +48,7 @@ from app.address import Address
 from app.client import cancel
 from app.config import ExchangeConfig
 from app.log import get_logger
-from app.metrics import BASE, UPSTREAM, Metrics
+from app.metrics import BASE, UPSTREAM, ComponentMetrics
 from app.routing.upstream import Upstream
 
 log = get_logger("exchange")
@@ -211,7 +211,7 @@ class Exchange:
         peers: Sequence[Address],
         upstreams: Callable[[], Sequence[Upstream]],
         settings: ExchangeConfig,
-        metrics: Metrics,
+        metrics: ComponentMetrics,
         *,
         decay: float = 2.0,
         clock: Callable[[], float] = time.monotonic,

@@ -60,7 +60,7 @@ from app.address import Address, parse_address
 from app.component import ChildSpec, Component, UpstreamSpec, proxy_name
 from app.config import Config, TierConfig
 from app.errors import ConfigError
-from app.httpserver import DataServer
+from app.httpserver import DataPlane
 from app.log import get_logger, setup
 from app.rundir import RunDir
 
@@ -335,7 +335,7 @@ class TierRunner(web.AppRunner):
         )
         self._settings = settings
         self._component = component
-        self._data: DataServer | None = None
+        self._data: DataPlane | None = None
         self._admin: web.ServerRunner | None = None
         self._admin_address: Address | None = None
         self._sampler: asyncio.Task[None] | None = None
@@ -345,7 +345,7 @@ class TierRunner(web.AppRunner):
         from app.metrics import MULTIPROCESS  # noqa: PLC0415
         from app.sockets import ADMIN_MODE, bind  # noqa: PLC0415
 
-        data = DataServer(self._component.handler, **self._component.server_options)
+        data = self._component.data_server()
         self._component.admin[DATA_SERVER] = data  # before the app freezes
         admin = await super()._make_server()  # starts the admin app: pools, checks, scrapes
         self._admin = web.ServerRunner(admin, shutdown_timeout=1.0)
@@ -384,9 +384,12 @@ class TierRunner(web.AppRunner):
 
     async def _cleanup_server(self) -> None:
         from app.client import cancel  # noqa: PLC0415 - see the note on imports
+        from app.metrics import MULTIPROCESS, sample_functions  # noqa: PLC0415
         from app.sockets import unlink  # noqa: PLC0415
 
         await cancel(self._sampler)
+        if MULTIPROCESS:
+            sample_functions()  # the last requests' counts, into the shared files
         if self._admin is not None:
             await self._admin.cleanup()
         if self._admin_address is not None:

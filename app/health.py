@@ -45,7 +45,7 @@ from app.admin import DRAINING_HEADER
 from app.client import cancel
 from app.config import TierConfig
 from app.log import get_logger
-from app.metrics import UpstreamMetrics
+from app.metrics import RouterMetrics
 from app.routing.upstream import Upstream
 
 log = get_logger("health")
@@ -89,7 +89,7 @@ class HealthMonitor:
         self,
         upstreams: Sequence[Upstream],
         tier: TierConfig,
-        metrics: UpstreamMetrics,
+        metrics: RouterMetrics,
         clock: Callable[[], float] = time.monotonic,
         *,
         rng: Random | None = None,

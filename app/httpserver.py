@@ -1,10 +1,10 @@
-"""The low-level HTTP server every data plane runs on.
+"""The servers of the data sockets, and what every one of them offers (``DataPlane``).
 
-Data planes use aiohttp's low-level ``web.Server`` (one handler, no router): the
-balancer's and proxies' data sockets have no reserved paths, and skipping the router
-saves work on every request. The request handler class maps aiohttp's parse errors to
-the right status: an oversized header line or too many headers is 431, not 400, and a
-client's bad request is logged briefly instead of with a traceback.
+A router's data plane is ``app.forwarding.front.FrontServer``. A simulated server runs
+aiohttp's low-level ``web.Server`` (one handler, no router) through ``DataServer``,
+whose request handler maps aiohttp's parse errors to the right status: an oversized
+header line or too many headers is 431, not 400, and a client's bad request is logged
+briefly instead of with a traceback.
 
 Draining (a stopping process): every response from then on says ``Connection: close``
 and its connection closes after it, so the pools of the routers in front of us never
@@ -25,6 +25,7 @@ from app.log import get_logger
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
+
 log = get_logger("http")
 
 
@@ -35,6 +36,27 @@ def error_status(exc: BaseException | None, status: int) -> int:
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message):
         return 431
     return status
+
+
+class DataPlane(web.Server):
+    """Base of the data sockets' servers: what the child's drain and /readyz need."""
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.draining = False
+
+    def drain(self) -> None:
+        """From now on, close each connection after its current or next response.
+
+        Idle connections stay open meanwhile: closing one races a client that is
+        reusing it; the runner's shutdown closes those still idle after the window.
+        """
+        self.draining = True
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress."""
+        raise NotImplementedError
 
 
 class _RequestHandler(RequestHandler):
@@ -68,12 +90,11 @@ class _Request(web.BaseRequest):
         return not (isinstance(manager, DataServer) and manager.draining)
 
 
-class DataServer(web.Server):
+class DataServer(DataPlane):
     """``web.Server`` whose connections use our request handler and requests."""
 
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, request_factory=self._request, **kwargs)
-        self.draining = False
 
     def __call__(self) -> RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
@@ -82,14 +103,6 @@ class DataServer(web.Server):
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
     ) -> _Request:
         return _Request(message, payload, protocol, writer, task, self._loop)
-
-    def drain(self) -> None:
-        """From now on, close each connection after its current or next response.
-
-        Idle connections stay open meanwhile: closing one races a client that is
-        reusing it. ``close_idle`` closes those still idle when the drain window ends.
-        """
-        self.draining = True
 
     @property
     def busy(self) -> int:

@@ -16,6 +16,10 @@ in another worker's answer. The process CPU and memory series are per worker and
 a ``pid`` label. A removed upstream's series stay in the files, at their last value
 (gauges at 0), until the worker exits. Without the variable nothing of this applies:
 the classes and the hot path are prometheus_client's own.
+
+A ``SampledCollector`` (the forwarder's per-request figures, ``app.forwarding.stats``)
+keeps its figures in plain Python and yields them at scrape time; in multiprocess mode
+it is sampled into the files like a function gauge instead of being collected.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import resource
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -127,8 +131,26 @@ class _MultiProcessHistogram(Histogram):
         _quiet_remove(super().remove, *labelvalues)
 
 
-# Function gauges of this process, sampled into its multiprocess files.
-_sampled: weakref.WeakSet[_MultiProcessGauge] = weakref.WeakSet()
+class Sampled(Protocol):
+    def sample(self) -> None:
+        """Write this process's current figures to its multiprocess files."""
+
+
+class SampledCollector(Collector):
+    """A collector of this process's own figures, which it yields at scrape time.
+
+    In multiprocess mode, registered into a component's registry, it is not collected
+    (another worker's ``/metrics`` could not see what it yields) but sampled: every
+    ``SAMPLE_INTERVAL`` and on each scrape, ``sample`` writes its figures to this
+    process's files, which the aggregate over all workers reads. The registry keeps it.
+    """
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+# Function gauges and sampled collectors of this process, sampled into its files.
+_sampled: weakref.WeakSet[Sampled] = weakref.WeakSet()
 
 
 class _MultiProcessGauge(Gauge):
@@ -155,7 +177,8 @@ class _MultiProcessGauge(Gauge):
 
 
 def sample_functions() -> None:
-    """Write the current value of every function gauge of this process to its file.
+    """Write the current value of every function gauge of this process to its file, and
+    the figures of every ``SampledCollector`` registered into a component's registry.
 
     Under gunicorn each worker calls this every ``SAMPLE_INTERVAL``; every scrape also
     does, so the scraped worker's own figures are exact. A no-op outside multiprocess mode.
@@ -182,15 +205,21 @@ class _MultiProcessRegistry(CollectorRegistry):
     """The registry a worker exposes: the aggregate over all workers' files.
 
     Metrics registered into it are not collected themselves (their values are in
-    this process's file, which the aggregate reads), so nothing is counted twice.
+    this process's file, which the aggregate reads), so nothing is counted twice; nor
+    are sampled collectors, which it keeps and which write to that file when sampled.
     """
 
     def __init__(self) -> None:
         super().__init__(auto_describe=True, support_collectors_without_names=True)
+        self._sampled_collectors: list[SampledCollector] = []
         _Aggregate(self)  # type: ignore[no-untyped-call]
 
     def register(self, collector: Collector) -> None:
         if isinstance(collector, MetricWrapperBase):
+            return
+        if isinstance(collector, SampledCollector):
+            self._sampled_collectors.append(collector)
+            _sampled.add(collector)
             return
         super().register(collector)
 
@@ -213,13 +242,24 @@ def _registry(role: str, instance: str) -> CollectorRegistry:
     return registry
 
 
-class Metrics:
-    """The series every HTTP-serving component exports."""
+class ComponentMetrics:
+    """A component's registry, which every other series of it goes into, and its labels.
+
+    Alone, what a router needs: its per-request series come from a collector
+    (``app.forwarding.stats``), the rest from ``RouterMetrics``.
+    """
 
     def __init__(self, role: str, instance: str) -> None:
         self.role = role
         self.instance = instance
         self.registry = _registry(role, instance)
+
+
+class Metrics(ComponentMetrics):
+    """The series every HTTP-serving component exports."""
+
+    def __init__(self, role: str, instance: str) -> None:
+        super().__init__(role, instance)
         labels = (role, instance)
         self._requests = _COUNTER(
             "lbstack_requests",
@@ -257,12 +297,48 @@ class Metrics:
         child.inc()
 
 
-class UpstreamMetrics:
-    """Per-upstream series of a router (balancer or proxy)."""
+class RouterMetrics:
+    """The per-upstream series of a router that no request touches.
 
-    def __init__(self, metrics: Metrics) -> None:
+    Ejections, failed scrapes and panic mode. The per-request ones (requests, errors,
+    latency, retries, in-flight, health, cost, queue, retry budget) are a collector's,
+    ``app.forwarding.stats.ForwardingCollector``.
+    """
+
+    def __init__(self, metrics: ComponentMetrics) -> None:
         registry = metrics.registry
         self._base = (metrics.role, metrics.instance)
+        self.ejections = _COUNTER(
+            "lbstack_upstream_ejections",
+            "Times each upstream was taken out after consecutive failed requests.",
+            UPSTREAM,
+            registry=registry,
+        )
+        self.panic = _GAUGE(
+            "lbstack_panic_mode",
+            "1 while too few upstreams are healthy, so health is ignored and all take traffic.",
+            BASE,
+            registry=registry,
+            multiprocess_mode="livemax",
+        ).labels(*self._base)
+        self.scrape_errors = _COUNTER(
+            "lbstack_scrape_errors",
+            "Failed reads of each upstream's /metrics (the routing feedback).",
+            UPSTREAM,
+            registry=registry,
+        )
+
+    def labels(self, upstream: str) -> tuple[str, str, str]:
+        return (*self._base, upstream)
+
+
+class UpstreamMetrics(RouterMetrics):
+    """Per-upstream series of a router (balancer or proxy), per-request ones included:
+    the old forwarder's (a new one takes ``RouterMetrics`` and ``app.forwarding.stats``)."""
+
+    def __init__(self, metrics: ComponentMetrics) -> None:
+        super().__init__(metrics)
+        registry = metrics.registry
         self.requests = _COUNTER(
             "lbstack_upstream_requests",
             "Requests sent to each upstream, by status code.",
@@ -302,26 +378,6 @@ class UpstreamMetrics:
             UPSTREAM,
             registry=registry,
         )
-        self.ejections = _COUNTER(
-            "lbstack_upstream_ejections",
-            "Times each upstream was taken out after consecutive failed requests.",
-            UPSTREAM,
-            registry=registry,
-        )
-        self.panic = _GAUGE(
-            "lbstack_panic_mode",
-            "1 while too few upstreams are healthy, so health is ignored and all take traffic.",
-            BASE,
-            registry=registry,
-            multiprocess_mode="livemax",
-        ).labels(*self._base)
-        self.scrape_errors = _COUNTER(
-            "lbstack_scrape_errors",
-            "Failed reads of each upstream's /metrics (the routing feedback).",
-            UPSTREAM,
-            registry=registry,
-        )
-
         self.cost = _GAUGE(
             "lbstack_upstream_cost",
             "Routing cost of each upstream now (p2c_ewma: latency × load / weight); lower wins.",
@@ -349,9 +405,6 @@ class UpstreamMetrics:
             BASE,
             registry=registry,
         ).labels(*self._base)
-
-    def labels(self, upstream: str) -> tuple[str, str, str]:
-        return (*self._base, upstream)
 
 
 def parse(text: str) -> Iterator[tuple[str, dict[str, str], float]]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from random import Random
 from typing import Any, Final
 
 from aiohttp import web
@@ -33,11 +34,19 @@ from app.admin import create_admin_app
 from app.component import ChildSpec, Component, UpstreamSpec
 from app.config import BalancerConfig, TierConfig
 from app.exchange import LOAD_PATH, Exchange, LoadView
-from app.forwarding import FORWARDER, Forwarder, UnknownUpstream, UpstreamConflict
-from app.httpserver import server_options
+from app.forwarding import (
+    FORWARDER,
+    Forwarder,
+    UnknownUpstream,
+    UpstreamConflict,
+    new_upstream,
+)
+from app.forwarding.stats import ForwardingCollector
+from app.health import HealthMonitor
 from app.log import get_logger
-from app.metrics import Metrics
+from app.metrics import ComponentMetrics, RouterMetrics
 from app.routing import Upstream
+from app.scrape import Scraper
 
 log = get_logger("router")
 
@@ -49,10 +58,49 @@ _FIELDS: Final = tuple(UpstreamSpec.model_fields)
 Problem = dict[str, str]
 
 
-def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component:
+def create_forwarder(
+    name: str,
+    role: str,
+    tier: TierConfig,
+    specs: Sequence[UpstreamSpec],
+    *,
+    edge: bool,
+    rng: Random | None = None,
+) -> tuple[Forwarder, ComponentMetrics]:
+    """A router's forwarder with its health checks, scraper and metrics."""
+    metrics = ComponentMetrics(role, name)
+    router_metrics = RouterMetrics(metrics)
+    upstreams = [new_upstream(u, tier) for u in specs]
+    forwarder = Forwarder(
+        name,
+        tier,
+        upstreams,
+        health=HealthMonitor(upstreams, tier, router_metrics, rng=rng),
+        scraper=Scraper(upstreams, tier, router_metrics, rng=rng),
+        edge=edge,
+        rng=rng,
+    )
+    metrics.registry.register(
+        ForwardingCollector(
+            role,
+            name,
+            forwarder.stats,
+            forwarder.readings,
+            lambda: forwarder.in_flight,
+            lambda: len(forwarder.admission.waiters),
+            forwarder.budget.balance,
+        )
+    )
+    return forwarder, metrics
+
+
+def create_router(
+    spec: ChildSpec, tier: TierConfig, *, edge: bool, rng: Random | None = None
+) -> Component:
     """A balancer (``edge``) or a proxy: a forwarder on the data plane, the admin app around it."""
-    metrics = Metrics(spec.role, spec.name)
-    forwarder = Forwarder(spec.name, tier, spec.upstreams, metrics, edge=edge)
+    forwarder, metrics = create_forwarder(
+        spec.name, spec.role, tier, spec.upstreams, edge=edge, rng=rng
+    )
 
     async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         await forwarder.start()
@@ -82,22 +130,21 @@ def create_router(spec: ChildSpec, tier: TierConfig, *, edge: bool) -> Component
     admin.cleanup_ctx.append(forwarder_ctx)
     if exchange is not None:
         admin.cleanup_ctx.append(_exchange_ctx(exchange))
-    options = server_options(
-        keepalive=tier.timeouts.client_keepalive,
-        max_header_size=tier.limits.max_header_size,
-        max_headers=tier.limits.max_headers,
-    )
-    return Component(handler=forwarder.handle, admin=admin, server_options=options)
+    return Component(data_server=forwarder.data_server, admin=admin)
 
 
 def _exchange(
-    spec: ChildSpec, tier: TierConfig, forwarder: Forwarder, metrics: Metrics
+    spec: ChildSpec, tier: TierConfig, forwarder: Forwarder, metrics: ComponentMetrics
 ) -> Exchange | None:
     """The load exchange of a balancer with peers, unless the config turns it off."""
     if not spec.peers or not isinstance(tier, BalancerConfig) or not tier.exchange.enabled:
         return None
     return Exchange(
-        spec.peers, lambda: forwarder.upstreams, tier.exchange, metrics, decay=tier.decay
+        spec.peers,
+        lambda: forwarder.upstreams,
+        tier.exchange,
+        metrics,
+        decay=tier.decay,
     )
 
 

@@ -36,7 +36,7 @@ from app import client
 from app.client import cancel
 from app.config import TierConfig
 from app.log import get_logger
-from app.metrics import UpstreamMetrics, parse
+from app.metrics import RouterMetrics, parse
 from app.routing.upstream import Upstream
 
 log = get_logger("scrape")
@@ -119,7 +119,7 @@ class Scraper:
         self,
         upstreams: Sequence[Upstream],
         tier: TierConfig,
-        metrics: UpstreamMetrics,
+        metrics: RouterMetrics,
         clock: Callable[[], float] = time.monotonic,
         *,
         rng: Random | None = None,

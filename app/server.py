@@ -40,7 +40,7 @@ from app.admin import create_admin_app
 from app.component import ChildSpec, Component
 from app.config import parse_size
 from app.errors import StartupError
-from app.httpserver import server_options
+from app.httpserver import DataServer, server_options
 from app.log import get_logger
 from app.metrics import Metrics
 from app.simulation import FaultError, Simulator, Work, burn_cpu
@@ -238,10 +238,9 @@ def create(
         Metrics("server", spec.name),
         exit_process,
     )
+    options = server_options(keepalive=config.keepalive)
     return Component(
-        handler=server.handle,
-        admin=server.admin_app(),
-        server_options=server_options(keepalive=config.keepalive),
+        data_server=lambda: DataServer(server.handle, **options), admin=server.admin_app()
     )
 
 

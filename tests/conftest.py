@@ -47,9 +47,11 @@ class UnixServers:
         **options: Any,
     ) -> Address:
         """Serve ``handler`` on ``<sockdir>/<name>.sock`` and return its address."""
-        runner = web.ServerRunner(
-            server_class(handler, **options), shutdown_timeout=SHUTDOWN_TIMEOUT
-        )
+        return await self.serve_server(server_class(handler, **options), name)
+
+    async def serve_server(self, server: web.Server, name: str) -> Address:
+        """Serve ``server`` (a data plane's, say) on ``<sockdir>/<name>.sock``."""
+        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         self.stack.push_async_callback(runner.cleanup)
         path = str(self.directory / f"{name}.sock")

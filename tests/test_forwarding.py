@@ -25,8 +25,9 @@ from app.address import Address
 from app.component import ChildSpec, UpstreamSpec
 from app.config import Config, Limits, TierConfig, Timeouts
 from app.forwarding import FORWARDER, Forwarder
-from app.httpserver import DataServer, server_options
-from app.metrics import Metrics
+from app.forwarding.front import FrontServer
+from app.metrics import ComponentMetrics
+from app.router import create_forwarder
 from tests.conftest import UnixServers
 
 MiB = 1024 * 1024
@@ -38,7 +39,7 @@ class Front:
     """A forwarder serving on a unix socket, and a client session to it."""
 
     forwarder: Forwarder
-    metrics: Metrics
+    metrics: ComponentMetrics
     address: Address
     client: aiohttp.ClientSession
 
@@ -85,21 +86,12 @@ def make_front(unix_servers: UnixServers) -> MakeFront:
             }
         )
         name = "balancer-0" if edge else "proxy-0"
-        metrics = Metrics("balancer" if edge else "proxy", name)
-        forwarder = Forwarder(name, tier, upstreams, metrics, edge=edge, rng=Random(7))
+        forwarder, metrics = create_forwarder(
+            name, "balancer" if edge else "proxy", tier, upstreams, edge=edge, rng=Random(7)
+        )
         await forwarder.start()
         unix_servers.stack.push_async_callback(forwarder.close)
-        options = server_options(
-            keepalive=tier.timeouts.client_keepalive,
-            max_header_size=tier.limits.max_header_size,
-            max_headers=tier.limits.max_headers,
-        )
-        address = await unix_servers.serve(
-            forwarder.handle,
-            name,
-            server_class=DataServer,
-            **options,
-        )
+        address = await unix_servers.serve_server(forwarder.data_server(), name)
         client = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=address.path))
         unix_servers.stack.push_async_callback(client.close)
         return Front(forwarder, metrics, address, client)
@@ -698,7 +690,10 @@ async def test_client_that_stops_reading_is_cut_off(
     writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")  # and never read
     await wait(stopped)
     writer.close()
-    assert front.forwarder.status()["upstreams"][0]["in_flight"] == 0
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while front.forwarder.status()["upstreams"][0]["in_flight"]:
+        assert asyncio.get_running_loop().time() < deadline, "the upstream slot is never freed"
+        await asyncio.sleep(0.01)  # wait-ok: polling with a deadline
 
 
 async def test_head_and_the_next_request_on_one_connection(
@@ -890,11 +885,15 @@ async def test_component_factories(
         config=config,
     )
     component = (balancer.create if edge else proxy.create)(spec)
-    options = component.server_options
-    assert options["keepalive_timeout"] == 5
-    assert options["max_field_size"] == 4096
-    assert options["max_headers"] == 50
-    assert options["handler_cancellation"] is True
+    server = component.data_server()
+    assert isinstance(server, FrontServer)
+    # Behind the balancer, a proxy leaves room for the lines the balancer added.
+    room = (0, 0) if edge else (256, 4)
+    assert (server.keepalive, server.max_line_size, server.max_headers) == (
+        5,
+        4096 + room[0],
+        50 + room[1],
+    )
     forwarder = component.admin[FORWARDER]
     assert forwarder.edge is edge
     assert forwarder.tier == (config.balancer if edge else config.proxy)

@@ -19,9 +19,8 @@ from app.address import Address
 from app.component import ChildSpec, UpstreamSpec
 from app.config import Config, TierConfig
 from app.forwarding import FORWARDER, Forwarder
-from app.httpserver import DataServer
 from app.metrics import Metrics
-from app.router import create_router
+from app.router import create_forwarder, create_router
 from app.routing import POLICIES
 from tests.conftest import SHUTDOWN_TIMEOUT, UnixServers
 
@@ -200,9 +199,7 @@ def make_router(aiohttp_client: AiohttpClient, unix_servers: UnixServers) -> Mak
         )
         component = create_router(spec, TierConfig.model_validate(BASE_TIER | tier), edge=False)
         admin = await aiohttp_client(component.admin)  # starts the forwarder
-        address = await unix_servers.serve(
-            component.handler, "proxy-0", server_class=DataServer, **component.server_options
-        )
+        address = await unix_servers.serve_server(component.data_server(), "proxy-0")
         data = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=address.path))
         unix_servers.stack.push_async_callback(data.close)
         return Router(component.admin[FORWARDER], admin, data)
@@ -613,13 +610,13 @@ async def test_a_forwarder_not_started_routes_an_added_upstream_once_started(
 ) -> None:
     s0 = FakeServer("server-0-0")
     spec = await serve(unix_servers, s0)
-    forwarder = Forwarder(
-        "proxy-0", TierConfig.model_validate(BASE_TIER), (), Metrics("proxy", "proxy-0"), edge=False
+    forwarder, _ = create_forwarder(
+        "proxy-0", "proxy", TierConfig.model_validate(BASE_TIER), (), edge=False
     )
     forwarder.add_upstream(spec)
     await forwarder.start()
     try:
-        address = await unix_servers.serve(forwarder.handle, "proxy-0", server_class=DataServer)
+        address = await unix_servers.serve_server(forwarder.data_server(), "proxy-0")
         async with (
             aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=address.path)) as client,
             client.get("http://proxy/") as response,

@@ -39,7 +39,7 @@ def make_spec(server: dict[str, Any] | None = None, group: int | None = 0) -> Ch
 
 
 class DataTestServer(BaseTestServer):
-    """Serves a component's data plane through DataServer with its options, as app.child."""
+    """Serves a component's data plane as app.child does."""
 
     def __init__(self, component: Component) -> None:
         super().__init__()
@@ -47,8 +47,7 @@ class DataTestServer(BaseTestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
         # kwargs (handler_cancellation=True) are the test server's, not the child's.
-        server = DataServer(self._component.handler, **self._component.server_options)
-        return web.ServerRunner(server)
+        return web.ServerRunner(self._component.data_server())
 
 
 @dataclass
@@ -599,9 +598,11 @@ async def test_metrics_count_requests_by_code(start: Start) -> None:
 # --- creation ------------------------------------------------------------------------
 
 
-def test_data_plane_uses_the_configured_keepalive() -> None:
+async def test_data_plane_uses_the_configured_keepalive() -> None:
     component = create(make_spec({"keepalive": "12s"}))
-    assert component.server_options["keepalive_timeout"] == 12.0
+    server = component.data_server()
+    assert isinstance(server, DataServer)
+    assert server._kwargs["keepalive_timeout"] == 12.0
 
 
 def test_refuses_a_server_that_is_not_simulated() -> None:

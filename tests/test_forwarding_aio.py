@@ -1,0 +1,124 @@
+"""Contract tests: each use of aiohttp below its public API that ``app.forwarding.aio`` makes.
+
+Each test pins one behaviour the data plane relies on, so that an aiohttp that changed
+it fails here, by name, instead of somewhere in the middle of a forwarded request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from pathlib import Path
+
+import aiohttp
+from aiohttp import http_parser, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.client_proto import ResponseHandler
+
+from app.address import Address
+from app.forwarding import aio
+from tests.conftest import UnixServers
+
+REQUEST = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Role: adm\xffin\r\n\r\n"
+UPGRADE = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+
+
+def parser() -> tuple[aio.BaseProtocol, object]:
+    loop = asyncio.get_running_loop()
+    protocol = BaseProtocol(loop)
+    return protocol, aio.request_parser(protocol, loop, max_line_size=8190, max_headers=128)
+
+
+async def test_the_c_request_parser_gives_raw_headers_and_messages() -> None:
+    _, p = parser()
+    assert type(p).__module__ == "aiohttp._http_parser"
+    assert http_parser.HttpRequestParserC is http_parser.HttpRequestParser
+    messages, upgraded, tail = p.feed_data(REQUEST + REQUEST)  # type: ignore[attr-defined]
+    assert (len(messages), upgraded, tail) == (2, False, b"")
+    message, payload = messages[0]
+    assert payload is aio.EMPTY_PAYLOAD
+    assert message.raw_headers == ((b"Host", b"x"), (b"X-Role", b"adm\xffin"))
+    assert (message.method, message.path, message.version) == ("GET", "/a", (1, 1))
+    for name in ("should_close", "upgrade", "chunked", "url"):
+        assert hasattr(message, name)
+    assert callable(p.message_consumed)  # type: ignore[attr-defined]
+    assert "max_msg_queue_size" in inspect.signature(http_parser.HttpRequestParserPy).parameters
+
+
+async def test_the_parser_drops_what_follows_an_upgrade_it_does_not_tunnel() -> None:
+    # front._after_heads recovers these bytes; when aiohttp stops dropping them this
+    # fails, and the recovery must go (or it would see the next request twice).
+    _, p = parser()
+    messages, upgraded, tail = p.feed_data(UPGRADE + REQUEST)  # type: ignore[attr-defined]
+    assert len(messages) == 1 and messages[0][0].upgrade
+    assert (upgraded, tail) == (False, b"")
+    again, _, _ = p.feed_data(REQUEST)  # type: ignore[attr-defined]
+    assert len(again) == 1  # and the parser goes on with the next read
+
+
+async def test_a_websocket_upgrade_is_reported_upgraded_with_its_tail() -> None:
+    _, p = parser()
+    ws = UPGRADE.replace(b"h2c", b"websocket")
+    messages, upgraded, tail = p.feed_data(ws + REQUEST)  # type: ignore[attr-defined]
+    assert (len(messages), upgraded, tail) == (1, True, REQUEST)
+    p.set_upgraded(False)  # type: ignore[attr-defined]
+    assert len(p.feed_data(tail)[0]) == 1  # type: ignore[attr-defined]
+
+
+async def test_base_protocol_flow_control_hooks() -> None:
+    protocol, _ = parser()
+    for name in ("_drain_helper", "_pause_reading_for_buffer", "_resume_reading_for_buffer"):
+        assert callable(getattr(protocol, name))
+    assert protocol.writing_paused is False
+    assert aio.reading_held(protocol) is False
+    aio.hold_reading(protocol)
+    assert aio.reading_held(protocol) is True
+    aio.release_reading(protocol)
+    assert aio.reading_held(protocol) is False
+
+
+async def echo(request: web.BaseRequest) -> web.StreamResponse:
+    return web.Response(text=f"{request.method} {request.path}")
+
+
+async def test_pool_connects_reads_and_pools(unix_servers: UnixServers) -> None:
+    address = await unix_servers.serve(echo, "up")
+    loop = asyncio.get_running_loop()
+    pool = aio.Pool(address, loop, connect_timeout=1.0, keepalive_timeout=5.0, limit=0)
+    try:
+        for _ in range(2):
+            conn = await pool.acquire(head=False)
+            protocol = aio.protocol_of(conn)
+            assert isinstance(protocol, ResponseHandler)
+            assert pool.busy()  # connector._acquired
+            assert protocol.transport is not None
+            protocol.transport.write(b"GET /x HTTP/1.1\r\nHost: up\r\n\r\n")
+            message, payload = await aio.read_response(protocol)
+            assert message.code == 200
+            assert await payload.read() == b"GET /x"
+            assert not protocol.should_close
+            conn.release()
+            assert not pool.busy()
+        assert sum(len(c) for c in pool.connector._conns.values()) == 1  # pooled, reused
+        pool.stop_pooling()  # connector._force_close, _conns
+        assert not pool.pooling and not pool.connector._conns
+        pool.resume_pooling()
+        assert pool.pooling
+    finally:
+        await pool.close()
+
+
+async def test_pool_raises_aiohttp_connect_errors(sockdir: Path) -> None:
+    loop = asyncio.get_running_loop()
+    address = Address.unix(str(sockdir / "nobody.sock"))
+    pool = aio.Pool(address, loop, connect_timeout=1.0, keepalive_timeout=5.0, limit=0)
+    try:
+        try:
+            await pool.acquire(head=False)
+        except aiohttp.ClientConnectorError:
+            pass
+        else:
+            raise AssertionError("connected to nothing")
+        assert pool.host == b"localhost"
+    finally:
+        await pool.close()
