@@ -3,9 +3,10 @@
 ``LbstackStack`` runs ``lbstack up`` in a short temporary run dir with a TCP listener
 on a free loopback port. ``NginxTopology`` builds the same shape out of nginx over the
 *same* server processes: one front nginx on a loopback TCP port, two nginx proxies on
-unix sockets, each proxy in front of its group's ``server-<p>-<s>.sock``. Both wait
-for readiness by polling with a deadline. ``post_fault`` talks to a simulated server's
-admin socket, the request ``lbstack fault`` sends.
+unix sockets, each proxy in front of its group's ``server-<p>-<s>.sock``;
+``HaproxyTopology`` builds it out of HAProxy the same way. All wait for readiness by
+polling with a deadline. ``post_fault`` talks to a simulated server's admin socket,
+the request ``lbstack fault`` sends.
 
 Everything binds 127.0.0.1 or unix sockets in the temporary directory only.
 """
@@ -29,7 +30,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import aiohttp
 
@@ -39,6 +40,7 @@ READY_MARK = "stop:"  # the last line of `lbstack up`'s banner
 POLL_INTERVAL = 0.05
 NginxMethod = Literal["round_robin", "least_conn"]
 NGINX_METHODS: tuple[NginxMethod, ...] = ("round_robin", "least_conn")
+HaproxyMethod = Literal["roundrobin", "leastconn"]
 _SERVER_SOCKET = re.compile(r"^server-(\d+)-(\d+)\.sock$")
 
 
@@ -413,11 +415,17 @@ http {{
 """
 
 
-class _NginxInstance:
-    """One nginx master (plus its single worker) with its own prefix directory."""
+class _Instance:
+    """One nginx or HAProxy process of a tier, with its own prefix directory.
 
-    def __init__(self, nginx: str, prefix: Path, conf: str) -> None:
-        self.nginx = nginx
+    Its config is written to the prefix; whatever it prints goes to ``error_log``.
+    """
+
+    name: ClassVar[str]  # the program, in messages and file names
+    conf_name: ClassVar[str]
+
+    def __init__(self, executable: str, prefix: Path, conf: str) -> None:
+        self.executable = executable
         self.prefix = prefix
         self.conf = conf
         self.process: asyncio.subprocess.Process | None = None
@@ -428,15 +436,50 @@ class _NginxInstance:
 
     @property
     def pid_file(self) -> Path:
-        """Where this nginx writes its master's pid (the ``pid`` directive)."""
-        return self.prefix / "nginx.pid"
+        """Where this instance writes its (master's) pid."""
+        return self.prefix / f"{self.name}.pid"
+
+    def command(self, conf_file: Path) -> list[str]:
+        """The command line that runs this instance in the foreground."""
+        raise NotImplementedError
 
     async def start(self) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)
-        conf_file = self.prefix / "nginx.conf"
+        conf_file = self.prefix / self.conf_name
         conf_file.write_text(self.conf)
-        self.process = await asyncio.create_subprocess_exec(
-            self.nginx,
+        with self.error_log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command(conf_file),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def exited(self) -> str | None:
+        """Why this instance is not running, or None while it runs."""
+        if self.process is None or self.process.returncode is None:
+            return None
+        return (
+            f"{self.name} exited with status {self.process.returncode}; {self.error_log}:\n"
+            f"{tail(self.error_log)}"
+        )
+
+    async def stop(self, timeout: float) -> None:
+        if self.process is not None:
+            # SIGTERM is nginx's fast shutdown and HAProxy's hard stop: the load is
+            # over, nothing is in flight.
+            await stop_process(self.process, signal.SIGTERM, timeout)
+
+
+class _NginxInstance(_Instance):
+    """One nginx master (plus its single worker)."""
+
+    name = "nginx"
+    conf_name = "nginx.conf"
+
+    def command(self, conf_file: Path) -> list[str]:
+        return [
+            self.executable,
             "-p",
             str(self.prefix),
             "-c",
@@ -445,60 +488,55 @@ class _NginxInstance:
             str(self.error_log),
             "-g",
             "daemon off;",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-    def exited(self) -> str | None:
-        """Why this nginx is not running, or None while it runs."""
-        if self.process is None or self.process.returncode is None:
-            return None
-        return (
-            f"nginx exited with status {self.process.returncode}; {self.error_log}:\n"
-            f"{tail(self.error_log)}"
-        )
-
-    async def stop(self, timeout: float) -> None:
-        if self.process is not None:
-            # SIGTERM is nginx's fast shutdown: the load is over, nothing is in flight.
-            await stop_process(self.process, signal.SIGTERM, timeout)
+        ]
 
 
-class NginxTopology:
-    """nginx in lbstack's shape, in front of an lbstack stack's own server sockets.
+class _HaproxyInstance(_Instance):
+    """One HAProxy process (one thread), in the foreground."""
 
-    ``groups`` are each proxy's server sockets (``LbstackStack.server_groups()``).
-    Front nginx on 127.0.0.1:<free port> → ``nginx/proxy-<p>.sock`` → the group's
-    servers; every hop HTTP/1.1 with an upstream keep-alive pool of 64. ``method`` is
-    the balancing method of every tier: nginx's round robin or ``least_conn``.
+    name = "haproxy"
+    conf_name = "haproxy.cfg"
+
+    def command(self, conf_file: Path) -> list[str]:
+        return [self.executable, "-db", "-f", str(conf_file)]
+
+    async def start(self) -> None:
+        await super().start()
+        # In the foreground (-db) HAProxy writes no pid file: the process is its own pid.
+        assert self.process is not None
+        self.pid_file.write_text(f"{self.process.pid}\n")
+
+
+class _TieredTopology:
+    """Another proxy in lbstack's shape, in front of an lbstack stack's own server sockets.
+
+    ``groups`` are each proxy's server sockets (``LbstackStack.server_groups()``). A
+    front instance on 127.0.0.1:<free port> → one proxy instance per group on
+    ``<workdir>/proxy-<p>/proxy.sock`` → the group's servers. Subclasses say which
+    program runs and how it is configured (``_instance``).
     """
 
     def __init__(
-        self,
-        workdir: Path,
-        groups: Sequence[Sequence[Path]],
-        *,
-        method: NginxMethod = "round_robin",
-        nginx: str = "nginx",
-        ready_timeout: float = 15.0,
+        self, workdir: Path, groups: Sequence[Sequence[Path]], *, ready_timeout: float
     ) -> None:
-        self.workdir = workdir / f"nginx-{method}"
+        self.workdir = workdir
         self.groups = groups
-        self.method = method
-        self.nginx = nginx
         self.ready_timeout = ready_timeout
         self.port = 0
-        self._proxies: list[tuple[Path, _NginxInstance]] = []
-        self._front: _NginxInstance | None = None
+        self._proxies: list[tuple[Path, _Instance]] = []
+        self._front: _Instance | None = None
+
+    def _instance(self, prefix: Path, listen: Path | int, upstreams: Sequence[Path]) -> _Instance:
+        """One instance listening on a unix socket (a Path) or a loopback TCP port."""
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
-        """The front nginx's TCP listener."""
+        """The front instance's TCP listener."""
         return f"http://127.0.0.1:{self.port}/"
 
     @property
-    def instances(self) -> list[_NginxInstance]:
+    def instances(self) -> list[_Instance]:
         front = [self._front] if self._front is not None else []
         return [*front, *(instance for _, instance in self._proxies)]
 
@@ -520,24 +558,11 @@ class NginxTopology:
         for index, servers in enumerate(self.groups):
             prefix = self.workdir / f"proxy-{index}"
             listen = check_unix_path(prefix / "proxy.sock")
-            conf = _nginx_conf(
-                prefix=prefix,
-                listen=f"unix:{listen}",
-                upstreams=[f"unix:{check_unix_path(s)}" for s in servers],
-                method=self.method,
-            )
-            self._proxies.append((listen, _NginxInstance(self.nginx, prefix, conf)))
+            instance = self._instance(prefix, listen, [check_unix_path(s) for s in servers])
+            self._proxies.append((listen, instance))
         self.port = free_port()
-        front = self.workdir / "front"
-        self._front = _NginxInstance(
-            self.nginx,
-            front,
-            _nginx_conf(
-                prefix=front,
-                listen=f"127.0.0.1:{self.port}",
-                upstreams=[f"unix:{listen}" for listen, _ in self._proxies],
-                method=self.method,
-            ),
+        self._front = self._instance(
+            self.workdir / "front", self.port, [listen for listen, _ in self._proxies]
         )
         try:
             for listen, instance in self._proxies:
@@ -545,14 +570,14 @@ class NginxTopology:
                 await poll_until(
                     functools.partial(http_ok, "http://localhost/", unix=listen),
                     timeout=self.ready_timeout,
-                    what=f"nginx proxy {listen}",
+                    what=f"{instance.name} proxy {listen}",
                     alive=self._why_down,
                 )
             await self._front.start()
             await poll_until(
                 lambda: http_ok(self.url),
                 timeout=self.ready_timeout,
-                what=f"nginx front {self.url}",
+                what=f"{self._front.name} front {self.url}",
                 alive=self._why_down,
             )
         except BaseException:
@@ -577,6 +602,99 @@ class NginxTopology:
         await self.stop()
 
 
+class NginxTopology(_TieredTopology):
+    """nginx in lbstack's shape, in front of an lbstack stack's own server sockets.
+
+    Front nginx on 127.0.0.1:<free port> → ``nginx-<method>/proxy-<p>/proxy.sock`` →
+    the group's servers; every hop HTTP/1.1 with an upstream keep-alive pool of 64.
+    ``method`` is the balancing method of every tier: nginx's round robin or
+    ``least_conn``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        groups: Sequence[Sequence[Path]],
+        *,
+        method: NginxMethod = "round_robin",
+        nginx: str = "nginx",
+        ready_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(workdir / f"nginx-{method}", groups, ready_timeout=ready_timeout)
+        self.method = method
+        self.nginx = nginx
+
+    def _instance(self, prefix: Path, listen: Path | int, upstreams: Sequence[Path]) -> _Instance:
+        conf = _nginx_conf(
+            prefix=prefix,
+            listen=f"unix:{listen}" if isinstance(listen, Path) else f"127.0.0.1:{listen}",
+            upstreams=[f"unix:{u}" for u in upstreams],
+            method=self.method,
+        )
+        return _NginxInstance(self.nginx, prefix, conf)
+
+
+def _haproxy_conf(*, listen: str, upstreams: Sequence[str], method: HaproxyMethod) -> str:
+    """One HAProxy instance: ``listen`` → the ``upstreams``, keep-alive both ways."""
+    servers = "\n".join(f"    server s{i} {u}" for i, u in enumerate(upstreams))
+    return f"""\
+# Generated by loadtests.topology. One thread per instance, as lbstack runs one
+# process per tier (and nginx one worker). No health checks, no logs.
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 75s
+    timeout server 75s
+    timeout http-keep-alive 75s
+    timeout http-request 10s
+
+frontend in
+    bind {listen}
+    option forwardfor
+    default_backend servers
+
+backend servers
+    balance {method}
+    http-reuse always
+{servers}
+"""
+
+
+class HaproxyTopology(_TieredTopology):
+    """HAProxy in lbstack's shape, in front of an lbstack stack's own server sockets.
+
+    Front HAProxy on 127.0.0.1:<free port> → ``haproxy-<method>/proxy-<p>/proxy.sock``
+    → the group's servers; one thread per instance, HTTP keep-alive on every hop with
+    ``http-reuse always`` to the backends. ``method`` is every tier's ``balance``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        groups: Sequence[Sequence[Path]],
+        *,
+        method: HaproxyMethod = "leastconn",
+        haproxy: str = "haproxy",
+        ready_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(workdir / f"haproxy-{method}", groups, ready_timeout=ready_timeout)
+        self.method = method
+        self.haproxy = haproxy
+
+    def _instance(self, prefix: Path, listen: Path | int, upstreams: Sequence[Path]) -> _Instance:
+        conf = _haproxy_conf(
+            listen=f"unix@{listen}" if isinstance(listen, Path) else f"127.0.0.1:{listen}",
+            upstreams=[f"unix@{u}" for u in upstreams],
+            method=self.method,
+        )
+        return _HaproxyInstance(self.haproxy, prefix, conf)
+
+
 def find_nginx() -> str | None:
     """The nginx executable (also looked for in /usr/sbin, often off a user's PATH)."""
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
@@ -591,3 +709,17 @@ def nginx_version(nginx: str) -> str:
 def remove_workdir(path: Path) -> None:
     """Remove a benchmark's temporary directory and everything in it."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def find_haproxy() -> str | None:
+    """The haproxy executable (also looked for in /usr/sbin, often off a user's PATH)."""
+    return shutil.which("haproxy") or shutil.which(
+        "haproxy", path="/usr/sbin:/usr/local/sbin:/sbin"
+    )
+
+
+def haproxy_version(haproxy: str) -> str:
+    """``HAProxy 2.6.12-1+deb12u4``: the first line of ``haproxy -v``, shortened."""
+    done = subprocess.run([haproxy, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    first = (done.stdout or done.stderr).strip().splitlines()[:1]
+    return first[0].split(" - ")[0].replace(" version ", " ") if first else "haproxy"
