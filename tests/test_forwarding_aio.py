@@ -86,20 +86,28 @@ async def test_pool_connects_reads_and_pools(unix_servers: UnixServers) -> None:
     loop = asyncio.get_running_loop()
     pool = aio.Pool(address, loop, connect_timeout=1.0, keepalive_timeout=5.0, limit=0)
     try:
+        parsers = []
         for _ in range(2):
             conn = await pool.acquire(head=False)
             protocol = aio.protocol_of(conn)
+            parsers.append(protocol._parser)
             assert isinstance(protocol, ResponseHandler)
             assert pool.busy()  # connector._acquired
             assert protocol.transport is not None
             protocol.transport.write(b"GET /x HTTP/1.1\r\nHost: up\r\n\r\n")
-            message, payload = await aio.read_response(protocol)
+            message, payload = await aio.next_response(protocol)
+            assert not aio.interim(message)
             assert message.code == 200
             assert await payload.read() == b"GET /x"
             assert not protocol.should_close
             conn.release()
             assert not pool.busy()
         assert sum(len(c) for c in pool.connector._conns.values()) == 1  # pooled, reused
+        assert parsers[0] is parsers[1] is not None  # the pooled connection kept its parser
+        conn = await pool.acquire(head=True)  # HEAD: a parser that expects no body
+        assert aio.protocol_of(conn)._parser is not parsers[0]
+        assert aio.protocol_of(conn)._skip_payload is True
+        conn.close()
         pool.stop_pooling()  # connector._force_close, _conns
         assert not pool.pooling and not pool.connector._conns
         pool.resume_pooling()

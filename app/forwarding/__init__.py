@@ -4,7 +4,9 @@ Read it in this order:
 
 * ``front``: the client side, our protocol on aiohttp's C request parser;
 * ``forwarder``: one hop wired from the pieces below, and its views;
-* ``exchange``: one request, a retry loop over single tries, then the relay;
+* ``exchange``: one request, a retry loop over single tries, each an ``Outcome``;
+* ``relay``: the bodies, up and down, within flow control; ``state``: what one
+  request in flight shares with the timeout sweep;
 * ``admission``: which upstream takes it, within in-flight caps and a queue;
 * ``upstreams``: the upstream set, each one's pool, and runtime changes;
 * ``headers``: request and response heads, pure functions on bytes;

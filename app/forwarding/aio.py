@@ -20,9 +20,10 @@ changed it:
 3. ``BaseConnector.connect(req, traces, timeout)`` with one ``ClientRequest`` built
    per upstream, not per request: the connector reads only its connection key and
    address fields.
-4. The pooled connection's ``ResponseHandler``: ``set_response_params`` (a fresh C
-   response parser per exchange), ``read()`` for the next ``(RawResponseMessage,
-   StreamReader)``, ``should_close``.
+4. The pooled connection's ``ResponseHandler``: ``set_response_params`` (a C response
+   parser, kept by a pooled connection as ``_parser`` with ``_skip_payload``, so it is
+   made again only for a new connection or a change of HEAD-ness), ``read()`` for the
+   next ``(RawResponseMessage, StreamReader)``, ``should_close``.
 5. Connector pool state, to drain and recycle a pool: ``_force_close`` (keep nothing
    alive), ``_conns`` (idle connections), ``_acquired`` and ``_waiters`` (busy).
 """
@@ -30,6 +31,7 @@ changed it:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import aiohttp
@@ -153,12 +155,15 @@ class Pool:
             raise aiohttp.ConnectionTimeoutError(f"connect timeout to {self._key.url}") from exc
         protocol = conn.protocol
         assert protocol is not None
-        protocol.set_response_params(
-            skip_payload=head,
-            read_until_eof=True,
-            auto_decompress=False,
-            read_bufsize=READ_BUFSIZE,
-        )
+        # A pooled connection keeps its response parser: a new one per exchange is
+        # needed only when none exists yet or HEAD-ness changed.
+        if protocol._parser is None or protocol._skip_payload is not head:
+            protocol.set_response_params(
+                skip_payload=head,
+                read_until_eof=True,
+                auto_decompress=False,
+                read_bufsize=READ_BUFSIZE,
+            )
         return conn
 
     def stop_pooling(self) -> None:
@@ -188,14 +193,16 @@ class Pool:
         await self.connector.close()
 
 
-async def read_response(
+def next_response(
     protocol: ResponseHandler,
-) -> tuple[RawResponseMessage, StreamReader]:
-    """The next final response on ``protocol``: interim (1xx) ones are skipped."""
-    while True:
-        message, payload = await protocol.read()
-        if not 100 <= message.code <= 199 or message.code == 101:
-            return message, payload
+) -> Coroutine[Any, Any, tuple[RawResponseMessage, StreamReader]]:
+    """The next response on ``protocol`` (awaited by the caller: one frame less per hop)."""
+    return protocol.read()
+
+
+def interim(message: RawResponseMessage) -> bool:
+    """Whether ``message`` is an interim (1xx) response, to skip; 101 is final."""
+    return 100 <= message.code <= 199 and message.code != 101
 
 
 def protocol_of(conn: Connection) -> ResponseHandler:

@@ -2,8 +2,8 @@
 
 ``Exchanger.forward`` picks an upstream, makes one try (``_try``: connect, write the
 request head and body, read the response head) and decides on its outcome: relay the
-answer, or try again elsewhere when that is safe and allowed. Then ``relay`` streams
-the response to the client.
+answer, or try again elsewhere when that is safe and allowed. ``relay`` moves the
+bodies; ``state`` holds what the tries, the relay and the timeout sweep share.
 
 When a retry is allowed (RFC 9110 §9.2.2 and the design's no-fan-out rule):
 
@@ -34,23 +34,14 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from app.forwarding import aio
-from app.forwarding.headers import (
-    CHUNKED,
-    CLOSE,
-    CONTINUE,
-    KEEP_ALIVE,
-    LAST_CHUNK,
-    RequestHead,
-    chunk,
-    request_bytes,
-    response_head,
-)
+from app.forwarding.headers import request_bytes
+from app.forwarding.relay import Relay
+from app.forwarding.state import CLIENT_GONE, WAIT_HEADERS, BodyFailed, Exchange
 from app.log import get_logger
 from app.routing import Upstream
 
 if TYPE_CHECKING:
     from app.forwarding.forwarder import Forwarder
-    from app.forwarding.front import FrontConnection
     from app.forwarding.upstreams import Link
 
 log = get_logger("forwarding")
@@ -58,14 +49,6 @@ log = get_logger("forwarding")
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # An answer of the next tier's own that says no upstream of its got the request.
 UNREACHED_HEADER: Final = "X-Lbstack-Unreached"
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
-
-# What an exchange waits on; when it waits too long, the status it answers with.
-WAIT_HEADERS, READ_CLIENT, WRITE_UPSTREAM, READ_UPSTREAM, WRITE_CLIENT = range(5)
-_PHASE_STATUS: Final = (504, 408, 504, 504, 408)
-_UPSTREAM_PHASES: Final = frozenset({WAIT_HEADERS, WRITE_UPSTREAM, READ_UPSTREAM})
-# The status of an exchange whose client went away: nothing is sent (nginx's 499).
-CLIENT_GONE: Final = 499
 
 
 class Result(Enum):
@@ -106,73 +89,6 @@ class Outcome:
         self.latency = latency
 
 
-class BodyFailed(Exception):
-    """The client's body could not be read: answer ``status`` (or nothing: 499)."""
-
-    def __init__(self, status: int, problem: str) -> None:
-        super().__init__(problem)
-        self.status = status
-        self.problem = problem
-
-
-class Exchange:
-    """One request in flight: what the sweep reads, and what its tries share."""
-
-    __slots__ = (
-        "attempts",
-        "body_started",
-        "conn",
-        "deadline",
-        "expect_continue",
-        "failure",
-        "head",
-        "http10",
-        "link",
-        "message",
-        "payload",
-        "phase",
-        "task",
-    )
-
-    def __init__(
-        self,
-        conn: FrontConnection,
-        message: aio.RawRequestMessage,
-        payload: aio.StreamReader,
-        head: RequestHead,
-        task: asyncio.Task[None],
-    ) -> None:
-        self.conn = conn
-        self.message = message
-        self.payload = payload
-        self.head = head
-        self.task = task
-        self.deadline = 0.0
-        self.phase = WAIT_HEADERS
-        self.failure = 0
-        self.attempts = 0
-        self.body_started = False
-        self.http10 = message.version < aio.HTTP11
-        self.expect_continue = False
-        self.link: Link | None = None
-
-    def expire(self) -> None:
-        """Past the deadline (the sweep): end with the phase's status."""
-        self.fail(_PHASE_STATUS[self.phase])
-
-    def fail(self, status: int) -> None:
-        if not self.failure:
-            self.failure = status
-            self.task.cancel()
-
-    def absorb(self) -> int:
-        """The failure a cancellation stands for, or 0 when the client went away."""
-        failure, self.failure = self.failure, 0
-        if failure and self.task.uncancel() == 0:
-            return failure
-        return 0
-
-
 class Exchanger:
     """Runs exchanges for one ``Forwarder``: its tries, retries and relays."""
 
@@ -187,6 +103,7 @@ class Exchanger:
         self._attempts = retries.attempts
         self._reached_attempts = retries.reached_attempts
         self._retry_statuses = frozenset(retries.statuses)
+        self._relay = Relay(forwarder)
 
     async def forward(self, ex: Exchange, target: bytes) -> tuple[int, bool]:
         """Send ``ex`` upstream until an answer can be relayed; relay it."""
@@ -237,7 +154,10 @@ class Exchanger:
                     if cost is not None:
                         nxt = self._next(upstream, (*tried, upstream), charged=bool(cost))
                     if nxt is None:
-                        return await self.relay(ex, link, out)
+                        assert out.conn and out.response and out.payload
+                        return await self._relay.relay(
+                            ex, link, out.conn, out.response, out.payload
+                        )
                     assert out.conn is not None and cost is not None
                     out.conn.close()
                     admission.release(upstream)
@@ -369,10 +289,12 @@ class Exchanger:
                 )
             )
             if has_body:
-                await self._send_body(ex, protocol, transport, chunked)
+                await self._relay.send_body(ex, protocol, transport, chunked)
                 ex.phase = WAIT_HEADERS
                 ex.deadline = loop.time() + first_byte
-            response, payload = await aio.read_response(protocol)
+            response, payload = await aio.next_response(protocol)
+            while aio.interim(response):
+                response, payload = await aio.next_response(protocol)
         except BodyFailed as exc:
             conn.close()
             return Outcome(Result.CLIENT, exc.status, exc.problem)
@@ -394,148 +316,6 @@ class Exchanger:
             payload=payload,
             latency=perf_counter() - sent,
         )
-
-    async def _send_body(
-        self,
-        ex: Exchange,
-        protocol: aio.BaseProtocol,
-        transport: asyncio.Transport,
-        chunked: bool,
-    ) -> None:
-        """The client's body to the upstream as it arrives, within the limits."""
-        time = self.fw.loop.time
-        idle = self._idle
-        limit = self._max_body
-        payload = ex.payload
-        conn = ex.conn
-        received = 0
-        ex.body_started = True  # from here the request can't be replayed
-        if ex.expect_continue:
-            ex.expect_continue = False
-            conn.write(CONTINUE)
-        while True:
-            ex.phase = READ_CLIENT
-            ex.deadline = time() + idle
-            try:
-                data = await payload.readany()
-            except ConnectionError as exc:
-                raise BodyFailed(CLIENT_GONE, "client went away") from exc
-            except (HttpProcessingError, aio.RequestPayloadError) as exc:
-                log.info("malformed request body: %s", exc)
-                raise BodyFailed(400, "malformed request body") from exc
-            if not data:
-                break
-            received += len(data)
-            if limit and received > limit:
-                raise BodyFailed(413, "request body over the limit")
-            ex.phase = WRITE_UPSTREAM
-            ex.deadline = time() + idle
-            transport.write(chunk(data) if chunked else data)
-            await aio.drain(protocol)
-        if chunked:
-            transport.write(LAST_CHUNK)
-
-    async def relay(self, ex: Exchange, link: Link, out: Outcome) -> tuple[int, bool]:
-        """Stream the answer to the client; abort both sides on a failure."""
-        fw = self.fw
-        conn, response, payload = out.conn, out.response, out.payload
-        assert conn is not None and response is not None and payload is not None
-        client = ex.conn
-        status = response.code
-        keep = not ex.message.should_close and not client.closing
-        rechunk = False
-        if (
-            payload is aio.EMPTY_PAYLOAD
-            or status in _NO_BODY_STATUSES
-            or "Content-Length" in response.headers
-        ):
-            framing = b""
-        elif ex.http10:
-            framing, keep = b"", False  # close-delimited: an HTTP/1.0 client has no chunks
-        else:
-            framing, rechunk = CHUNKED, True
-        if not keep:
-            framing += CLOSE
-        elif ex.http10:
-            framing += KEEP_ALIVE
-        head = response_head(
-            status,
-            response.reason.encode("utf-8", "surrogateescape"),
-            response.raw_headers,
-            request_id=ex.head.request_id,
-            served_by=b"" if fw.edge else link.name,
-            extra=framing,
-        )
-        upstream = link.upstream
-        if payload is aio.EMPTY_PAYLOAD or payload.is_eof():
-            # Headers and the whole body together, as small answers come: one write.
-            body = b"" if payload is aio.EMPTY_PAYLOAD else payload.read_nowait(-1)
-            conn.release()
-            fw.admission.release(upstream)
-            if rechunk:
-                body = chunk(body) + LAST_CHUNK if body else LAST_CHUNK
-            client.write(head + body)
-            return status, keep
-        return await self._stream(ex, link, conn, payload, head, rechunk, keep, status)
-
-    async def _stream(
-        self,
-        ex: Exchange,
-        link: Link,
-        conn: aio.Connection,
-        payload: aio.StreamReader,
-        head: bytes,
-        rechunk: bool,
-        keep: bool,
-        status: int,
-    ) -> tuple[int, bool]:
-        fw = self.fw
-        time = fw.loop.time
-        idle = self._idle
-        client = ex.conn
-        upstream = link.upstream
-        client.write(head)
-        try:
-            while True:
-                ex.phase = READ_UPSTREAM
-                ex.deadline = time() + idle
-                data = await payload.readany()
-                if not data:
-                    break
-                ex.phase = WRITE_CLIENT
-                ex.deadline = time() + idle
-                client.write(chunk(data) if rechunk else data)
-                await client.drain()
-            if rechunk:
-                client.write(LAST_CHUNK)
-            conn.release()
-        except asyncio.CancelledError:
-            conn.close()
-            failure = ex.absorb()
-            if not failure:
-                fw.client_gone(ex, "receiving the response")
-                raise
-            if ex.phase in _UPSTREAM_PHASES:
-                link.stats.error("timeout")
-                log.info("%s: response stalled; aborted", upstream.name)
-            else:
-                log.info("aborted mid-response: the client stopped reading (%d)", failure)
-            client.abort()
-            keep = False
-        except Exception as exc:
-            conn.close()
-            if ex.phase == WRITE_CLIENT and isinstance(exc, ConnectionError):
-                fw.client_gone(ex, "receiving the response")
-            else:
-                link.stats.error(
-                    "protocol" if isinstance(exc, aiohttp.ClientPayloadError) else "reset"
-                )
-                log.info("%s: response broken off (%r)", upstream.name, exc)
-            client.abort()
-            keep = False
-        finally:
-            fw.admission.release(upstream)
-        return status, keep
 
 
 def _transport(protocol: aio.BaseProtocol) -> asyncio.Transport:

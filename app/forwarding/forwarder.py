@@ -29,9 +29,10 @@ from app.component import UpstreamSpec
 from app.config import TierConfig
 from app.forwarding import aio
 from app.forwarding.admission import Admission
-from app.forwarding.exchange import UNREACHED_HEADER, Exchange, Exchanger
+from app.forwarding.exchange import UNREACHED_HEADER, Exchanger
 from app.forwarding.front import FrontConnection, FrontServer
 from app.forwarding.headers import ADDED_LINES, error_response, request_head
+from app.forwarding.state import Exchange
 from app.forwarding.stats import TierStats, UpstreamReading
 from app.forwarding.upstreams import UpstreamSet, is_in
 from app.health import HealthMonitor
@@ -186,7 +187,17 @@ class Forwarder:
             authority=None if message.path[:1] == "/" else _authority(message),
         )
         exchange = Exchange(conn, message, payload, head, conn.task)
-        status, keep = await self._answer(exchange)
+        refused = self._check(exchange)
+        if refused is not None:
+            status, keep = refused
+        else:
+            conn.exchange = exchange
+            self.in_flight += 1
+            try:
+                status, keep = await self._exchanger.forward(exchange, exchange.target)
+            finally:
+                self.in_flight -= 1
+                conn.exchange = None
         elapsed = perf_counter() - started
         stats = self.stats
         stats.count(status)
@@ -204,7 +215,8 @@ class Forwarder:
             )
         return keep
 
-    async def _answer(self, ex: Exchange) -> tuple[int, bool]:
+    def _check(self, ex: Exchange) -> tuple[int, bool] | None:
+        """Refuse what must not go upstream (the answer), else None and ``ex.target`` set."""
         message = ex.message
         version = message.version
         if version.major != 1:
@@ -226,14 +238,8 @@ class Forwarder:
             return self.refuse(ex, 503, "too many requests in flight", retry_after=True)
         if self.state != "ready":
             return self.refuse(ex, 503, "not ready", retry_after=True)
-        conn = ex.conn
-        conn.exchange = ex
-        self.in_flight += 1
-        try:
-            return await self._exchanger.forward(ex, target)
-        finally:
-            self.in_flight -= 1
-            conn.exchange = None
+        ex.target = target
+        return None
 
     def refuse(
         self,
