@@ -1,15 +1,32 @@
 """The built-in simulated application server (role ``server``).
 
-Data plane: every method and path is answered ``200`` with a JSON echo of the request
-(``server``, ``method``, ``path``, ``raw_path``, ``version``, ``query_string``,
-``query`` as a dict of lists, ``headers`` as received with a repeated header's values
-in a list, ``body_bytes`` and ``body_sha256`` of the body, which is read streaming and
-never held whole, and ``padding``), after the simulated work the current
-``Simulation`` asks for: latency, CPU time, padding, and a share of requests answered
-``error_status`` with a small JSON error instead. Every answer carries
-``X-Served-By: <name>``.
+Data plane: any method and path (but ``/ws`` and ``/sse``, below) is answered ``200``
+with a JSON echo of the request (``server``, ``method``, ``path``, ``raw_path``,
+``version``, ``query_string``, ``query`` as a dict of lists, ``headers`` as received
+with a repeated header's values in a list, ``body_bytes`` and ``body_sha256`` of the
+body, which is read streaming and never held whole, and ``padding``), after the
+simulated work the current ``Simulation`` asks for: latency, CPU time, padding, and a
+share of requests answered ``error_status`` with a small JSON error instead. Every
+answer carries ``X-Served-By: <name>``.
 
-One request header changes the answer:
+Two paths, and every path below them, have routes of their own:
+
+``GET /ws``
+    A WebSocket echo: each text or binary message (up to ``WEBSOCKET_MAX_MESSAGE``) is
+    sent back unchanged, pings are answered, a close is returned; the server never
+    speaks first. The ``101`` also carries ``X-Server: <name>``. Latency, CPU and a hang
+    delay the handshake, and a simulated error answers it instead of the ``101``; a
+    hang also holds the echo of each message. The session counts as one request of
+    status ``101``: in flight until it closes, its duration the time to the ``101``.
+``GET /sse``
+    Server-sent events (``text/event-stream``, chunked): ``?count=N`` events
+    (default 10, at most 10000), one every ``?interval=S`` seconds (default 0.1, at
+    most 10), each ``id: <n>`` and ``data: {"server": "<name>", "n": <n>}`` with
+    ``n`` from 1; then the stream ends. A bad parameter is answered ``400``. After
+    the simulated work like any request; a hang holds the stream between events.
+
+Other methods on these paths are answered ``405``. Everywhere else, one request
+header changes the answer:
 
 ``X-Sim-Response-Bytes: N``
     Answer with ``N`` bytes (a byte count or a size like ``64KiB``, ``1GiB``) of
@@ -31,9 +48,10 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from pydantic_core import PydanticCustomError
 
 from app.admin import create_admin_app
@@ -46,12 +64,24 @@ from app.metrics import Metrics
 from app.simulation import FaultError, Simulator, Work, burn_cpu
 
 SERVED_BY = "X-Served-By"
+SERVER = "X-Server"  # names the server on a WebSocket's 101
 RESPONSE_BYTES = "X-Sim-Response-Bytes"
 CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor sees a crash, not a clean stop
 CHUNK_SIZE = 64 * 1024
 _CHUNK = memoryview(b"x" * CHUNK_SIZE)
 
+WEBSOCKET_PATH = "/ws"
+# Bytes; a larger message closes the session with 1009. aiohttp's own default (4 MiB)
+# refuses a message of exactly 4 MiB: its bound is exclusive.
+WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
+EVENTS_PATH = "/sse"
+EVENTS_COUNT = 10  # events by default
+EVENTS_MAX_COUNT = 10_000
+EVENTS_INTERVAL = 0.1  # seconds
+EVENTS_MAX_INTERVAL = 10.0
+
 ExitFn = Callable[[int], object]
+Number = TypeVar("Number", int, float)
 
 log = get_logger("server")
 
@@ -82,7 +112,7 @@ class SimulatedServer:
         self.in_flight += 1
         self.received[request.method] = self.received.get(request.method, 0) + 1
         try:
-            response = await self._respond(request)
+            response = await self._respond(request, started)
         except ConnectionError:
             # The client went away mid-body or mid-download (a reset, or a plain
             # "Connection lost" from a pending drain): count it, no traceback.
@@ -99,12 +129,23 @@ class SimulatedServer:
             raise
         finally:
             self.in_flight -= 1
-        self.served += 1
-        self.metrics.count(response.status)
-        self.metrics.latency.observe(time.perf_counter() - started)
+        if not isinstance(response, web.WebSocketResponse):  # a session counted at its 101
+            self._answered(response.status, started)
         return response
 
-    async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _answered(self, status: int, started: float) -> None:
+        self.served += 1
+        self.metrics.count(status)
+        self.metrics.latency.observe(time.perf_counter() - started)
+
+    async def _respond(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+        if _under(request.path, WEBSOCKET_PATH):
+            return await self._websocket(request, started)
+        if _under(request.path, EVENTS_PATH):
+            return await self._events(request)
+        return await self._echo(request)
+
+    async def _echo(self, request: web.BaseRequest) -> web.StreamResponse:
         download: int | None = None
         if RESPONSE_BYTES in request.headers:
             try:
@@ -118,10 +159,7 @@ class SimulatedServer:
         work = self.simulator.draw()
         await self._work(work)
         if work.error_status is not None:
-            return self._json(
-                {"server": self.name, "error": "simulated error", "status": work.error_status},
-                status=work.error_status,
-            )
+            return self._simulated_error(work.error_status)
         if download is not None:
             return await self._stream(request, download)
         return self._json(
@@ -139,6 +177,61 @@ class SimulatedServer:
                 "padding": "x" * work.padding,
             }
         )
+
+    async def _websocket(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+        if request.method != "GET":  # before aiohttp, which asks for an upgrade first
+            return self._http_error(web.HTTPMethodNotAllowed(request.method, ["GET"]))
+        work = self.simulator.draw()
+        await self._work(work)
+        if work.error_status is not None:
+            return self._simulated_error(work.error_status)
+        ws = web.WebSocketResponse(max_msg_size=WEBSOCKET_MAX_MESSAGE)
+        ws.headers[SERVED_BY] = self.name
+        ws.headers[SERVER] = self.name
+        try:
+            await ws.prepare(request)
+        except web.HTTPException as exc:  # not a WebSocket upgrade: aiohttp says why
+            return self._http_error(exc)
+        # Counted now: the session's length is no latency a router should weigh.
+        self._answered(ws.status, started)
+        # autoping and autoclose: aiohttp answers pings and a close itself.
+        async for message in ws:
+            await self.simulator.gate()
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+            elif message.type is WSMsgType.ERROR:  # aiohttp closes the session after it
+                log.debug("WebSocket of %s closed on an error: %s", request.path, message.data)
+        return ws
+
+    async def _events(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "GET":
+            return self._http_error(web.HTTPMethodNotAllowed(request.method, ["GET"]))
+        try:
+            count, interval = _event_stream(request)
+        except ValueError as exc:
+            return self._json({"server": self.name, "error": str(exc)}, status=400)
+        work = self.simulator.draw()
+        await self._work(work)
+        if work.error_status is not None:
+            return self._simulated_error(work.error_status)
+        response = web.StreamResponse(
+            headers={
+                SERVED_BY: self.name,
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+            }
+        )
+        await response.prepare(request)  # no length: chunked, or close-delimited for 1.0
+        for n in range(1, count + 1):
+            if n > 1:
+                await asyncio.sleep(interval)
+            await self.simulator.gate()
+            data = json.dumps({"server": self.name, "n": n})
+            await response.write(f"id: {n}\ndata: {data}\n\n".encode())
+        await response.write_eof()
+        return response
 
     async def _work(self, work: Work) -> None:
         if work.latency > 0:
@@ -163,6 +256,17 @@ class SimulatedServer:
 
     def _json(self, data: dict[str, Any], status: int = 200) -> web.Response:
         return web.json_response(data, status=status, headers={SERVED_BY: self.name})
+
+    def _simulated_error(self, status: int) -> web.Response:
+        return self._json(
+            {"server": self.name, "error": "simulated error", "status": status}, status=status
+        )
+
+    def _http_error(self, exc: web.HTTPException) -> web.Response:
+        """aiohttp's answer for ``exc``, returned rather than raised, so it is counted."""
+        headers = CIMultiDict(exc.headers)
+        headers[SERVED_BY] = self.name
+        return web.Response(status=exc.status, body=exc.body, headers=headers)
 
     def status(self) -> dict[str, Any]:
         """The server's part of ``GET /status``."""
@@ -242,6 +346,43 @@ def create(
     return Component(
         data_server=lambda: DataServer(server.handle, **options), admin=server.admin_app()
     )
+
+
+def _under(path: str, route: str) -> bool:
+    """Whether ``path`` is ``route`` or a path below it."""
+    return path == route or path.startswith(route + "/")
+
+
+def _event_stream(request: web.BaseRequest) -> tuple[int, float]:
+    """``count`` and ``interval`` of ``GET /sse``; a ValueError says which one is bad."""
+    count = _query_number(request, "count", int, EVENTS_COUNT, EVENTS_MAX_COUNT, "an integer")
+    interval = _query_number(
+        request, "interval", float, EVENTS_INTERVAL, EVENTS_MAX_INTERVAL, "a number of seconds"
+    )
+    return count, interval
+
+
+def _query_number(
+    request: web.BaseRequest,
+    name: str,
+    kind: Callable[[str], Number],
+    default: Number,
+    maximum: Number,
+    what: str,
+) -> Number:
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    expected = f"{what} from 0 to {maximum}"
+    if len(values) > 1:
+        raise ValueError(f"{name}: expected one value, {expected}, found {len(values)}")
+    try:
+        value = kind(values[0])
+    except ValueError:
+        raise ValueError(f"{name}: expected {expected}, found {values[0]!r}") from None
+    if not 0 <= value <= maximum:  # NaN fails this too
+        raise ValueError(f"{name}: expected {expected}, found {values[0]!r}")
+    return value
 
 
 async def _drain(request: web.BaseRequest) -> tuple[int, str]:

@@ -64,6 +64,7 @@ from loadtests.wrk import find_wrk, run_wrk
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "floor.json"
 SYSTEMS = ("lbstack", "aiohttp", "server")
 PROFILE_RATE = 250  # py-spy samples per second
+TARGET_CPU_RATIO = 0.5  # lbstack's hop / the ClientSession forwarder, CPU per request
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -374,6 +375,13 @@ def table(figures: dict[str, Figures], connections: int) -> Table:
     return result
 
 
+def _ratio(figures: dict[str, Figures]) -> float | None:
+    """lbstack's CPU per request over the plain aiohttp forwarder's (medians)."""
+    ours = figures["lbstack"].median(figures["lbstack"].cpu_us)
+    theirs = figures["aiohttp"].median(figures["aiohttp"].cpu_us)
+    return None if not ours or not theirs else round(ours / theirs, 3)
+
+
 async def amain(options: argparse.Namespace) -> int:
     wrk = find_wrk()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.defpath}")
@@ -383,6 +391,14 @@ async def amain(options: argparse.Namespace) -> int:
     began = time.monotonic()
     figures = await measure(options, wrk, py_spy)
     console.print(table(figures, options.connections))
+    ratio = _ratio(figures)
+    if ratio is not None:
+        verdict = "PASS" if ratio <= TARGET_CPU_RATIO else "MISS"
+        console.print(
+            f"lbstack's hop: {ratio:.2f}× the aiohttp forwarder's CPU per request "
+            f"(target ≤ {TARGET_CPU_RATIO:g}×): {verdict}",
+            markup=False,
+        )
     console.print(
         "  * CPU: utime+stime of the one process over each run / its requests; groups: "
         "each py-spy sample by its innermost frame, shares × CPU µs/req; 'socket writes' "
@@ -400,6 +416,8 @@ async def amain(options: argparse.Namespace) -> int:
                 "rounds": options.rounds,
                 "loadavg": os.getloadavg(),
                 "systems": {s: f.to_json() for s, f in figures.items()},
+                "cpu_ratio": ratio,
+                "target_cpu_ratio": TARGET_CPU_RATIO,
             },
             indent=2,
         )

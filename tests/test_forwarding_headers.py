@@ -16,13 +16,13 @@ from app.forwarding.headers import (
 
 
 def head(
-    raw: list[tuple[bytes, bytes]], *, edge: bool = False, http10: bool = False
+    raw: list[tuple[bytes, bytes]], *, proto: bytes = b"", http10: bool = False
 ) -> RequestHead:
     return request_head(
         raw,
         client=b"10.0.0.9",
         via=b"1.1 proxy-0",
-        edge=edge,
+        proto=proto,
         http10=http10,
         new_id=lambda: b"id-1",
     )
@@ -83,8 +83,10 @@ def test_forwarding_headers_are_appended_and_the_request_id_kept() -> None:
 
 
 def test_the_edge_says_the_protocol_itself() -> None:
-    h = head([(b"Host", b"x"), (b"X-Forwarded-Proto", b"https")], edge=True)
+    h = head([(b"Host", b"x"), (b"X-Forwarded-Proto", b"https")], proto=b"http")
     assert b"X-Forwarded-Proto: http\r\n" in h.lines
+    h = head([(b"Host", b"x")], proto=b"https")
+    assert b"X-Forwarded-Proto: https\r\n" in h.lines
 
 
 def test_expect_100_continue_is_answered_here_and_others_go_on() -> None:

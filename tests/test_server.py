@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import math
 import random
 import statistics
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, WSServerHandshakeError, web
 from aiohttp.test_utils import BaseTestServer, TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
@@ -24,7 +26,7 @@ from app.config import Simulation, validate
 from app.errors import StartupError
 from app.httpserver import DataServer
 from app.metrics import parse
-from app.server import CRASH_EXIT_STATUS, ExitFn, create
+from app.server import CRASH_EXIT_STATUS, WEBSOCKET_MAX_MESSAGE, ExitFn, create
 from app.simulation import Simulator, burn_cpu, sample_latency
 
 NAME = "server-0-0"
@@ -351,6 +353,213 @@ async def test_malformed_download_size_is_400(start: Start, value: str) -> None:
         assert response.headers["X-Served-By"] == NAME
         error = await response.json()
     assert "X-Sim-Response-Bytes" in error["error"]
+
+
+# --- WebSocket echo ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/room/1"])
+async def test_websocket_echoes_text_and_binary(start: Start, path: str) -> None:
+    server = await start()
+    async with server.data.ws_connect(path) as ws:
+        for text in ["hello", "", "ünïcödé ✓", "x" * 100_000]:
+            await ws.send_str(text)
+            message = await ws.receive()
+            assert (message.type, message.data) == (WSMsgType.TEXT, text)
+        for data in [b"\x00\xffbinary", b""]:
+            await ws.send_bytes(data)
+            message = await ws.receive()
+            assert (message.type, message.data) == (WSMsgType.BINARY, data)
+
+
+@pytest.mark.parametrize("size", [MiB, 4 * MiB, WEBSOCKET_MAX_MESSAGE - 1])
+async def test_websocket_echoes_large_binary(start: Start, size: int) -> None:
+    server = await start()
+    data = random.Random(size).randbytes(size)
+    async with server.data.ws_connect("/ws", max_msg_size=0) as ws:  # 0: no limit
+        await ws.send_bytes(data)
+        message = await ws.receive()
+    assert message.type == WSMsgType.BINARY
+    assert message.data == data
+
+
+async def test_websocket_message_over_the_limit_closes_with_1009(start: Start) -> None:
+    server = await start()
+    async with server.data.ws_connect("/ws") as ws:
+        # The server refuses the frame on its header and closes while we still send.
+        sending = asyncio.create_task(ws.send_bytes(b"x" * WEBSOCKET_MAX_MESSAGE))
+        message = await ws.receive()
+        with contextlib.suppress(ConnectionError):
+            await sending
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1009)
+
+
+async def test_websocket_answers_pings(start: Start) -> None:
+    server = await start()
+    async with server.data.ws_connect("/ws", autoping=False) as ws:
+        await ws.ping(b"are you there")
+        message = await ws.receive()
+        assert (message.type, message.data) == (WSMsgType.PONG, b"are you there")
+
+
+async def test_websocket_closes_cleanly_and_counts_as_one_request(start: Start) -> None:
+    server = await start()
+    ws = await server.data.ws_connect("/ws")
+    await ws.send_str("one")
+    assert (await ws.receive()).data == "one"
+    assert await server.reports("in_flight", 1)  # open: in flight, already counted
+    assert await server.reports("requests", 1)
+    assert await ws.close() is True
+    assert ws.close_code == 1000
+    await until(lambda: server.reports("in_flight", 0), "the session to end")
+    status = await server.status()
+    assert (status["requests"], status["received"]) == (1, {"GET": 1})
+    async with server.admin.get("/metrics") as response:
+        text = await response.text()
+    samples = {
+        (name, labels.get("code")): value
+        for name, labels, value in parse(text)
+        if labels.get("instance") == NAME
+    }
+    assert samples[("lbstack_requests_total", "101")] == 1
+    assert samples[("lbstack_request_duration_seconds_count", None)] == 1
+
+
+async def test_websocket_handshake_names_the_server(start: Start) -> None:
+    server = await start()
+    assert server.data.port is not None
+    reader, writer = await asyncio.open_connection(server.data.host, server.data.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    writer.close()
+    await writer.wait_closed()
+    status_line, *lines = head.strip().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    assert status_line.startswith("HTTP/1.1 101 ")
+    assert headers["X-Server"] == NAME
+    assert headers["X-Served-By"] == NAME
+    # The example key of RFC 6455, section 1.3.
+    assert headers["Sec-WebSocket-Accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+async def test_websocket_handshake_takes_the_simulated_error(start: Start) -> None:
+    server = await start({"error_rate": 1.0, "error_status": 503})
+    with pytest.raises(WSServerHandshakeError) as caught:
+        await server.data.ws_connect("/ws")
+    assert caught.value.status == 503
+    assert caught.value.headers is not None
+    assert caught.value.headers["X-Served-By"] == NAME
+    assert await server.reports("received", {"GET": 1})
+
+
+async def test_websocket_handshake_waits_out_a_hang(start: Start) -> None:
+    server = await start()
+    await server.fault({"hang": True})
+    connecting = asyncio.create_task(server.data.ws_connect("/ws"))
+    await until(lambda: server.reports("held", 1), "the handshake to be held")
+    assert not connecting.done()
+    await server.fault({"clear": True})
+    ws = await asyncio.wait_for(connecting, 10)
+    await ws.send_str("after the hang")
+    assert (await ws.receive()).data == "after the hang"
+    await ws.close()
+
+
+async def test_websocket_without_upgrade_is_400(start: Start) -> None:
+    server = await start()
+    async with server.data.get("/ws") as response:
+        assert response.status == 400
+        assert response.headers["X-Served-By"] == NAME
+        assert "UPGRADE" in await response.text()
+    async with server.data.post("/ws/room", data=b"x") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
+    status = await server.status()
+    assert (status["requests"], status["received"]) == (2, {"GET": 1, "POST": 1})
+
+
+@pytest.mark.parametrize("path", ["/wsx", "/ssex", "/a/ws", "/a/sse"])
+async def test_paths_beside_the_routes_are_echoed(start: Start, path: str) -> None:
+    server = await start()
+    async with server.data.get(path) as response:
+        assert response.status == 200
+        assert (await response.json())["path"] == path
+
+
+# --- server-sent events --------------------------------------------------------------
+
+
+def _events(count: int) -> str:
+    return "".join(
+        f"id: {n}\ndata: {json.dumps({'server': NAME, 'n': n})}\n\n" for n in range(1, count + 1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "count"),
+    [("/sse?count=5&interval=0.001", 5), ("/sse/feed?interval=0", 10), ("/sse?count=0", 0)],
+)
+async def test_events_are_streamed(start: Start, target: str, count: int) -> None:
+    server = await start()
+    async with server.data.get(target) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert response.headers["X-Served-By"] == NAME
+        body = await response.text()
+    assert body == _events(count)
+    assert body.count("id: ") == count
+    status = await server.status()
+    assert (status["requests"], status["received"], status["in_flight"]) == (1, {"GET": 1}, 0)
+
+
+async def test_events_arrive_one_by_one(start: Start) -> None:
+    server = await start()
+    async with server.data.get("/sse?count=3&interval=0.01") as response:
+        events = [event async for event in response.content.iter_chunks()]
+    assert [chunk.decode() for chunk, _ in events if chunk] == [
+        _events(n)[len(_events(n - 1)) :] for n in (1, 2, 3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "found"),
+    [
+        ("count=abc", "'abc'"),
+        ("count=-1", "'-1'"),
+        ("count=10001", "'10001'"),
+        ("count=1.5", "'1.5'"),
+        ("count=", "''"),
+        ("count=1&count=2", "found 2"),
+        ("interval=fast", "'fast'"),
+        ("interval=-0.1", "'-0.1'"),
+        ("interval=11", "'11'"),
+        ("interval=nan", "'nan'"),
+    ],
+)
+async def test_bad_event_parameters_are_400(start: Start, query: str, found: str) -> None:
+    server = await start()
+    async with server.data.get(f"/sse?{query}") as response:
+        assert response.status == 400
+        assert response.headers["X-Served-By"] == NAME
+        error = (await response.json())["error"]
+    name = query.split("=", maxsplit=1)[0]
+    assert error.startswith(f"{name}: expected ")
+    assert "from 0 to 10" in error
+    assert found in error
+
+
+async def test_events_take_the_simulated_error_and_only_get(start: Start) -> None:
+    server = await start({"error_rate": 1.0, "error_status": 502})
+    async with server.data.get("/sse?count=1") as response:
+        assert response.status == 502
+    async with server.data.post("/sse") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
 
 
 # --- fault injection -----------------------------------------------------------------

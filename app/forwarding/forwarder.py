@@ -181,7 +181,7 @@ class Forwarder:
             message.raw_headers,
             client=conn.client,
             via=self._via,
-            edge=self.edge,
+            proto=conn.scheme if self.edge else b"",
             http10=message.version < aio.HTTP11,
             new_id=self._new_id,
             authority=None if message.path[:1] == "/" else _authority(message),

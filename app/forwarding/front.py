@@ -176,6 +176,7 @@ class FrontConnection(aio.BaseProtocol):
         self.exchange: Expiring | None = None
         self.idle_since = loop.time()
         self.client = b"unix"
+        self.scheme = b"http"  # https when the listener terminates TLS
         self._closing = False  # after the current response
         self._refused = False  # a parse error: nothing more is read
         self._payloads: list[aio.StreamReader] = []
@@ -197,6 +198,8 @@ class FrontConnection(aio.BaseProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0]).encode()
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
         self.server.attach(self)
         self._task = self._loop.create_task(self._serve())
 

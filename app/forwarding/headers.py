@@ -110,7 +110,7 @@ def request_head(
     *,
     client: bytes,
     via: bytes,
-    edge: bool,
+    proto: bytes,
     http10: bool,
     new_id: Callable[[], bytes],
     authority: bytes | None = None,
@@ -120,8 +120,9 @@ def request_head(
     ``authority``, from an absolute-form target, replaces the client's Host (RFC 9112
     §3.2.2).
     ``client`` is appended to ``X-Forwarded-For``; ``via`` (``1.1 <name>``) to ``Via``.
-    At the ``edge`` (the balancer) ``X-Forwarded-Proto: http`` replaces what the
-    client said; further in it is kept. The first ``X-Request-Id`` is kept, else
+    At the edge (the balancer) ``proto`` is the client connection's scheme, which
+    replaces what the client said in ``X-Forwarded-Proto``; further in (``proto``
+    empty) the header is kept. The first ``X-Request-Id`` is kept, else
     ``new_id()`` makes one. ``Expect: 100-continue`` is dropped: the hop answers it
     itself once it has an upstream.
     """
@@ -169,8 +170,8 @@ def request_head(
         elif [c.strip().lower() for c in codings.split(b",")[1:]] != [b"chunked"]:
             # The parser took chunked as the final coding; another, we can't decode.
             problem, status = "unsupported transfer coding", 501
-    if edge:
-        forwarded_proto = b"http"
+    if proto:
+        forwarded_proto = proto
     request_id = request_id or new_id()
     tail = b"X-Forwarded-For: %s\r\n%sVia: %s\r\nX-Request-Id: %s\r\n" % (
         b"%s, %s" % (forwarded_for, client) if forwarded_for else client,
