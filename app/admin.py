@@ -18,6 +18,8 @@ from app.metrics import ComponentMetrics
 # The data plane serving beside this admin app, when there is one: a draining data
 # plane is not ready, so the routers in front stop sending it requests.
 DATA_SERVER = web.AppKey("data_server", DataPlane)
+# The component's metrics, for roles that add series of their own.
+METRICS = web.AppKey("metrics", ComponentMetrics)
 # On a draining /readyz: the router in front takes us out at once, without waiting for
 # ``health.fall`` failed checks (as Envoy's x-envoy-immediate-health-check-fail).
 DRAINING_HEADER = "X-Lbstack-Draining"
@@ -58,6 +60,7 @@ def create_admin_app(
         return web.json_response({"name": metrics.instance, "role": metrics.role, **status()})
 
     app = web.Application()
+    app[METRICS] = metrics
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -65,8 +65,11 @@ async def serve(spec: ChildSpec, component: Component) -> None:
         server, shutdown_timeout=settings.graceful_timeout - settings.drain_window
     )
     await data.setup()
+    if spec.tls_fds and component.tls is None:
+        raise RuntimeError(f"{spec.role} has https listeners and no TLS context")
     for fd in spec.listen_fds:
-        await web.SockSite(data, from_fd(fd)).start()
+        tls = component.tls if fd in spec.tls_fds else None
+        await web.SockSite(data, from_fd(fd), ssl_context=tls).start()
     # The admin socket last: once /readyz answers, the data plane is serving.
     await web.SockSite(admin, from_fd(spec.admin_fd)).start()
     log.debug("serving %d data socket(s)", len(spec.listen_fds))

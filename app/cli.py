@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="ADDR",
-        help="extra balancer listener, e.g. tcp://127.0.0.1:8080 (repeatable)",
+        help="extra balancer listener, e.g. tcp://127.0.0.1:8080, or https://0.0.0.0:8443 "
+        "with the certificates of the config's [tls] (repeatable)",
     )
     up.add_argument("--policy", help="routing policy of balancer and proxies")
     up.add_argument(

@@ -1,4 +1,4 @@
-"""HTTP clients to an ``Address`` (unix or tcp): pools, sessions, one-off requests.
+"""HTTP clients to an ``Address`` (unix, tcp or https): pools, sessions, one-off requests.
 
 Every client in the stack (forwarding pools, health checks, scrapes, the supervisor's
 probes, the CLI) connects through ``connector`` here, so there is one place that knows
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -16,18 +17,26 @@ import aiohttp
 from app.address import Address
 
 
-def connector(address: Address, **options: Any) -> aiohttp.BaseConnector:
-    """A connection pool to ``address``; ``options`` go to aiohttp's connector."""
+def connector(
+    address: Address, *, ssl: SSLContext | None = None, **options: Any
+) -> aiohttp.BaseConnector:
+    """A connection pool to ``address``; ``options`` go to aiohttp's connector.
+
+    ``ssl``: the client context for an ``https://`` address (default: aiohttp's,
+    verifying against the system's trust store).
+    """
     if address.is_unix:
         return aiohttp.UnixConnector(path=address.path, **options)
-    return aiohttp.TCPConnector(**options)
+    return aiohttp.TCPConnector(ssl=True if ssl is None else ssl, **options)
 
 
-def session(address: Address, timeout: float | None, **options: Any) -> aiohttp.ClientSession:
+def session(
+    address: Address, timeout: float | None, *, ssl: SSLContext | None = None, **options: Any
+) -> aiohttp.ClientSession:
     """A client session to ``address`` (requests take paths), no cookies, no proxies."""
     return aiohttp.ClientSession(
         base_url=address.http_base,
-        connector=connector(address, **options),
+        connector=connector(address, ssl=ssl, **options),
         timeout=aiohttp.ClientTimeout(total=timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,

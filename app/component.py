@@ -9,6 +9,7 @@ balancer, proxy or server.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +46,7 @@ class ChildSpec(BaseModel):
     role: Role
     group: int | None = None  # the proxy index a proxy or server belongs to
     listen_fds: tuple[int, ...]
+    tls_fds: tuple[int, ...] = ()  # those of listen_fds served with TLS (https listeners)
     admin_fd: int
     upstreams: tuple[UpstreamSpec, ...] = ()
     peers: tuple[AddressField, ...] = ()  # the other balancers' admin sockets (load exchange)
@@ -78,8 +80,10 @@ class Component:
     ``data_server`` makes (in the running loop) the server of the data sockets: every
     request, no reserved paths. ``admin`` is the admin app; resources the component
     holds (pools, background tasks) live in its ``cleanup_ctx``, so they outlast the
-    data plane's graceful drain.
+    data plane's graceful drain. ``tls`` is the context the spec's ``tls_fds`` are
+    served with.
     """
 
     data_server: Callable[[], DataPlane]
     admin: web.Application
+    tls: ssl.SSLContext | None = None

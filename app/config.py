@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app import tls
 from app.address import Address, parse_address
 from app.errors import ConfigError
 
@@ -85,7 +87,9 @@ def _address(value: object) -> Address:
     if isinstance(value, Address):
         return value
     if not isinstance(value, str):
-        raise PydanticCustomError("address", "expected 'unix:/path' or 'tcp://host:port'")
+        raise PydanticCustomError(
+            "address", "expected 'unix:/path', 'tcp://host:port' or 'https://host:port'"
+        )
     try:
         return parse_address(value)
     except ValueError as exc:
@@ -223,6 +227,60 @@ class Retries(Model):
     )
 
 
+def _pair(cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        given, missing = ("cert", "key") if key is None else ("key", "cert")
+        raise PydanticCustomError(
+            "tls",
+            "{missing}: expected a {missing} with the {given}, found only the {given}",
+            {"missing": missing, "given": given},
+        )
+
+
+class UpstreamTLS(Model):
+    """TLS to a tier's upstreams at ``https://`` addresses (others are plain)."""
+
+    ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA certificates upstreams are verified against; "
+        "default: the system's trust store.",
+    )
+    server_name: str = Field(
+        "",
+        description="The name sent (SNI) and checked in the upstream's certificate; "
+        "default: the host of its address.",
+    )
+    cert: Path | None = Field(
+        None, description="Client certificate (PEM) for upstreams that require one (mTLS)."
+    )
+    key: Path | None = Field(None, description="The client certificate's private key (PEM).")
+    verify: bool = Field(
+        True,
+        description="Verify the upstream's certificate and name. false only for tests: "
+        "anyone on the path can then read and change the traffic (logged as a warning).",
+    )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> UpstreamTLS:
+        _pair(self.cert, self.key)
+        return self
+
+
+class Tunnels(Model):
+    """Upgraded connections (WebSocket) through a tier: a byte tunnel once the upstream
+    answers ``101 Switching Protocols``."""
+
+    protocols: tuple[str, ...] = Field(
+        ("websocket",),
+        description="Upgrade tokens that are tunnelled; a request upgrading to another "
+        "is forwarded as a plain request, without its Upgrade.",
+    )
+    max: int = Field(1024, ge=0, description="Most tunnels open in one process; beyond it, 503.")
+    idle_timeout: Duration = Field(
+        300.0, description="A tunnel with no byte either way for this long is closed."
+    )
+
+
 class TierConfig(Model):
     """One forwarding tier: the balancer or every proxy."""
 
@@ -258,6 +316,8 @@ class TierConfig(Model):
     health: HealthCheck = HealthCheck()
     ejection: Ejection = Ejection()
     retries: Retries = Retries()
+    tunnels: Tunnels = Tunnels()
+    upstream_tls: UpstreamTLS = UpstreamTLS()
 
 
 class ExchangeConfig(Model):
@@ -448,6 +508,64 @@ class GroupConfig(Model):
     autoscale: Autoscale = Autoscale()
 
 
+class CertificateFiles(Model):
+    """One certificate the https listeners serve, for the names it holds."""
+
+    cert: Path = Field(description="The certificate (PEM), its chain after it.")
+    key: Path = Field(description="Its private key (PEM, unencrypted).")
+
+
+def _tls_version(value: object) -> object:
+    # TOML's 1.2 is a float: take it for the "1.2" it means.
+    return str(value) if isinstance(value, float) else value
+
+
+def _ciphers(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError as exc:
+            raise PydanticCustomError(
+                "ciphers",
+                "expected an OpenSSL cipher list that selects at least one cipher, found '{found}'",
+                {"found": value},
+            ) from exc
+    return value
+
+
+class TLSConfig(Model):
+    """The certificates and settings of the balancers' https listeners."""
+
+    cert: Path | None = Field(
+        None, description="The certificate (PEM, its chain after it), when there is one."
+    )
+    key: Path | None = Field(None, description="Its private key (PEM, unencrypted).")
+    certificates: tuple[CertificateFiles, ...] = Field(
+        (),
+        description="Several certificates ([[tls.certificates]] with cert and key), chosen "
+        "per connection by the name the client asks for (SNI) among each one's "
+        "subjectAltName DNS names (else its CN); the first serves clients that ask for "
+        "none or an unknown name. After cert/key when both are given.",
+    )
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = Field(
+        "1.2", description='Oldest TLS version accepted: "1.2" or "1.3".'
+    )
+    ciphers: Annotated[str, BeforeValidator(_ciphers)] = Field(
+        "ECDHE+AESGCM:ECDHE+CHACHA20",
+        description="TLS 1.2 cipher suites (OpenSSL syntax); TLS 1.3 suites are OpenSSL's.",
+    )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TLSConfig:
+        _pair(self.cert, self.key)
+        return self
+
+    @property
+    def configured(self) -> bool:
+        """Whether any certificate is given."""
+        return self.cert is not None or bool(self.certificates)
+
+
 class SupervisorConfig(Model):
     """How the supervisor starts, restarts and stops children."""
 
@@ -498,7 +616,9 @@ class Config(Model):
     proxies: int = Field(2, ge=1, le=256, description="Reverse proxies, one per server group.")
     servers_per_proxy: int = Field(3, ge=1, le=1024, description="Servers behind each proxy.")
     listen: tuple[AddressField, ...] = Field(
-        (), description="Extra balancer listeners beside balancer.sock, e.g. tcp://127.0.0.1:8080."
+        (),
+        description="Extra balancer listeners beside balancer.sock, e.g. tcp://127.0.0.1:8080; "
+        "https://0.0.0.0:8443 terminates TLS with the certificates of [tls].",
     )
     metrics_listen: AddressField | None = Field(
         Address("tcp", host="127.0.0.1", port=9464),
@@ -511,6 +631,7 @@ class Config(Model):
         (), description="Per-proxy overrides, in proxy order; when given, they define the proxies."
     )
     autoscale: Autoscale = Autoscale()
+    tls: TLSConfig = TLSConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
 
     @model_validator(mode="before")
@@ -567,6 +688,18 @@ class Config(Model):
                         "{tier}.weights.{name}: expected a weight above 0, found {weight}",
                         {"tier": tier, "name": name, "weight": weight},
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _https_has_certificates(self) -> Config:
+        https = [str(a) for a in self.listen if a.is_tls]
+        if https and not self.tls.configured:
+            raise PydanticCustomError(
+                "tls",
+                "tls: expected cert and key (or [[tls.certificates]]) for the https "
+                "listener {listener}, found none",
+                {"listener": https[0]},
+            )
         return self
 
     def group(self, index: int) -> GroupLayout:
@@ -650,11 +783,20 @@ def _describe(errors: ValidationError, prefix: str = "") -> list[str]:
 
 
 def validate(data: Mapping[str, Any], source: str = "") -> Config:
-    """Validate raw settings into a Config, or raise ConfigError listing every problem."""
+    """Validate raw settings into a Config, or raise ConfigError listing every problem.
+
+    The files it names (certificates, keys, CAs) are checked too: they must be
+    usable now. (A child validates only the model again: see ``from_json``.)
+    """
+    prefix = f"{source}: " if source else ""
     try:
-        return Config.model_validate(dict(data))
+        config = Config.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, f"{source}: " if source else "")) from exc
+        raise ConfigError(_describe(exc, prefix)) from exc
+    problems = tls.problems(config)
+    if problems:
+        raise ConfigError([prefix + p for p in problems])
+    return config
 
 
 def read_toml(path: Path) -> dict[str, Any]:

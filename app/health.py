@@ -47,6 +47,7 @@ from app.config import TierConfig
 from app.log import get_logger
 from app.metrics import RouterMetrics
 from app.routing.upstream import Upstream
+from app.tls import upstream_context
 
 log = get_logger("health")
 
@@ -96,6 +97,7 @@ class HealthMonitor:
     ) -> None:
         self._upstreams = tuple(upstreams)
         self._health = tier.health
+        self._tls = tier.upstream_tls
         self._ejection = tier.ejection
         self._slow_start = tier.slow_start
         self._clock = clock
@@ -250,7 +252,9 @@ class HealthMonitor:
         address, path = self.check_target(upstream)
         try:
             session = self._session(upstream, address)
-            async with session.get(path, allow_redirects=False) as response:
+            async with session.get(
+                path, allow_redirects=False, server_hostname=self._tls.server_name or None
+            ) as response:
                 passed = 200 <= response.status < 300
                 problem = f"{path} answered {response.status}"
                 if DRAINING_HEADER in response.headers:
@@ -341,7 +345,11 @@ class HealthMonitor:
             # force_close: each check sends Connection: close on a fresh connection, so
             # it also proves the upstream still accepts, and no idle connection lingers.
             session = self._sessions[upstream] = client.session(
-                address, self._health.timeout or None, force_close=True, limit=1
+                address,
+                self._health.timeout or None,
+                ssl=upstream_context(self._tls, address),
+                force_close=True,
+                limit=1,
             )
         return session
 

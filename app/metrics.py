@@ -24,6 +24,7 @@ it is sampled into the files like a function gauge instead of being collected.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -105,6 +106,27 @@ class ProcessCollector(Collector):
         yield rss
 
 
+class CertificateCollector(Collector):
+    """When each certificate a balancer serves expires, read at scrape time (a reload
+    changes them): ``certificates()`` gives ``(cert path, notAfter)`` pairs."""
+
+    def __init__(
+        self, role: str, instance: str, certificates: Callable[[], Iterable[tuple[str, float]]]
+    ) -> None:
+        self._labels = [role, instance]
+        self._certificates = certificates
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "lbstack_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate served expires (its notAfter, unix time).",
+            labels=(*BASE, "certificate"),
+        )
+        for certificate, not_after in self._certificates():
+            family.add_metric([*self._labels, certificate], not_after)
+        yield family
+
+
 def _rss_bytes() -> float:
     try:
         with open(f"/proc/{os.getpid()}/statm", "rb") as statm:
@@ -176,6 +198,10 @@ class _MultiProcessGauge(Gauge):
         _quiet_remove(super().remove, *labelvalues)
 
 
+# The sampling failures already logged.
+_failed_samples: set[tuple[str, str]] = set()
+
+
 def sample_functions() -> None:
     """Write the current value of every function gauge of this process to its file, and
     the figures of every ``SampledCollector`` registered into a component's registry.
@@ -186,8 +212,11 @@ def sample_functions() -> None:
     for gauge in list(_sampled):
         try:
             gauge.sample()
-        except Exception:  # a bad reading must not cost the others theirs
-            continue
+        except Exception as exc:  # a bad reading must not cost the others theirs
+            key = (type(gauge).__name__, repr(exc))
+            if key not in _failed_samples:  # said once, not every interval
+                _failed_samples.add(key)
+                logging.getLogger("lbstack.metrics").exception("sampling %s failed", key[0])
 
 
 class _Aggregate(MultiProcessCollector):

@@ -33,6 +33,7 @@ class Reading:
     requests: float = 0.0
     errors: float = 0.0  # 5xx answers
     in_flight: float = 0.0
+    tunnels: float | None = None  # routers only: tunnels open
     buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
 
     @classmethod
@@ -45,6 +46,8 @@ class Reading:
                     reading.errors += value
             elif name == "lbstack_in_flight_requests":
                 reading.in_flight += value
+            elif name == "lbstack_tunnels_open":
+                reading.tunnels = (reading.tunnels or 0.0) + value
             elif name == "lbstack_request_duration_seconds_bucket":
                 le = float(labels["le"])
                 reading.buckets[le] = reading.buckets.get(le, 0.0) + value
@@ -59,6 +62,7 @@ class Load:
     error_ratio: float
     p99: float | None  # seconds
     in_flight: float
+    tunnels: float | None = None
 
 
 def load_between(before: Reading, after: Reading) -> Load:
@@ -71,6 +75,7 @@ def load_between(before: Reading, after: Reading) -> Load:
         error_ratio=errors / requests if requests else 0.0,
         p99=histogram_quantile(0.99, delta) if requests else None,
         in_flight=after.in_flight,
+        tunnels=after.tunnels,
     )
 
 
@@ -149,6 +154,8 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
     """The tree table: one row per component with its state and load; under it, each
     autoscaled group's signal and last decision."""
     components = status["components"]
+    # Tunnels get a column while any router has one open (the table stays narrow else).
+    tunnels = any(load.tunnels for load in loads.values())
     table = Table(title=_title(status), title_justify="left", box=None, pad_edge=False)
     for column, justify in (
         ("NAME", "left"),
@@ -159,8 +166,11 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
         ("ERR%", "right"),
         ("P99", "right"),
         ("IN-FLIGHT", "right"),
+        ("TUNNELS", "right"),
         ("SHARE", "right"),
     ):
+        if column == "TUNNELS" and not tunnels:
+            continue
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for prefix, component in _tree(components):
         name = component["name"]
@@ -176,6 +186,11 @@ def render(status: dict[str, Any], loads: dict[str, Load]) -> RenderableType:
             "-" if load is None else f"{100 * load.error_ratio:.1f}",
             "-" if load is None or load.p99 is None else _ms(load.p99),
             "-" if load is None else f"{load.in_flight:.0f}",
+            *(
+                ["-" if load is None or load.tunnels is None else f"{load.tunnels:.0f}"]
+                if tunnels
+                else []
+            ),
             "-"
             if share is None or (component["role"] == "balancer" and share == 1.0)
             else f"{100 * share:.0f}%",
@@ -239,6 +254,11 @@ def render_router(status: dict[str, Any]) -> Table:
     title = (
         f"{status['name']} — policy {status['policy']}, in flight {status['in_flight']}, "
         f"queued {status['queued']}, retry budget {status['retry_budget']}"
+        + (
+            f", tunnels {status['tunnels']['open']}/{status['tunnels']['max']}"
+            if "tunnels" in status
+            else ""
+        )
         + (", PANIC: health ignored" if status.get("panic") else "")
     )
     peers = status.get("peers")  # a balancer with peers (the load exchange)

@@ -71,7 +71,10 @@ def test_json_round_trip_is_what_children_receive() -> None:
             'balancer.timeouts.connect: expected a duration like "250ms"',
         ),
         ({"balancer": {"policy": "random"}}, "balancer.policy: expected: input should be"),
-        ({"listen": ["http://x"]}, "listen.0: expected 'unix:/path' or 'tcp://host:port', found"),
+        (
+            {"listen": ["http://x"]},
+            "listen.0: expected 'unix:/path', 'tcp://host:port' or 'https://host:port', found",
+        ),
         ({"listen": ["tcp://127.0.0.1:99999"]}, "expected a port number 0-65535"),
         (
             {"server": {"simulation": {"error_rate": 2}}},

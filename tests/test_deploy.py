@@ -48,6 +48,7 @@ ALERTS = {
     "LbstackRestartLoop",
     "LbstackBalancerPeerDown",
     "LbstackAutoscalerBlind",
+    "LbstackCertificateExpiresSoon",
 }
 
 # Grafana's built-in variables, as Grafana would set them for a 1s scrape interval

@@ -130,3 +130,45 @@ async def test_pool_raises_aiohttp_connect_errors(sockdir: Path) -> None:
         assert pool.host == b"localhost"
     finally:
         await pool.close()
+
+
+async def test_read_raw_takes_an_upgraded_connections_bytes(unix_servers: UnixServers) -> None:
+    async def ws_hello(request: web.BaseRequest) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("hi")
+        await ws.close()
+        return ws
+
+    address = await unix_servers.serve(ws_hello, "ws")
+    loop = asyncio.get_running_loop()
+    pool = aio.Pool(address, loop, connect_timeout=1.0, keepalive_timeout=5.0, limit=0)
+    got: list[bytes] = []
+    framed = loop.create_future()
+
+    class Reader:
+        def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+            got.append(data)
+            if b"hi" in b"".join(got) and not framed.done():
+                framed.set_result(None)
+            return False, b""
+
+        def feed_eof(self) -> None:
+            pass
+
+    try:
+        conn = await pool.acquire(head=False)
+        protocol = aio.protocol_of(conn)
+        assert protocol.transport is not None
+        protocol.transport.write(
+            b"GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        message, _ = await aio.next_response(protocol)
+        assert message.code == 101
+        aio.read_raw(protocol, Reader())
+        await asyncio.wait_for(framed, 5.0)
+        assert b"".join(got).startswith(b"\x81\x02hi")  # the text frame, as sent
+        conn.close()
+    finally:
+        await pool.close()

@@ -118,7 +118,8 @@ def test_bad_settings_name_the_variable_what_was_expected_and_found(tmp_path: Pa
         "letter or digit, found 'no/slash'",
         f"LBSTACK_ADMIN_DIR: unix socket path is {len(too_long)} bytes, longer than "
         f"the 107-byte limit: {too_long!r} (use a shorter run dir)",
-        "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path' or 'tcp://host:port', "
+        "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path', 'tcp://host:port' or "
+        "'https://host:port', "
         "found 'http://x'",
         "LBSTACK_UPSTREAMS[1]: expected admin=ADDRESS or health_path=PATH after the address, "
         "found 'weight=2'",
@@ -156,7 +157,8 @@ async def test_gunicorn_refuses_a_bad_setting_before_any_worker_starts() -> None
         _, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
         assert process.returncode == 2, err.decode()
         assert (
-            "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path' or 'tcp://host:port', "
+            "LBSTACK_UPSTREAMS[0].address: expected 'unix:/path', 'tcp://host:port' or "
+            "'https://host:port', "
             "found 'nowhere'"
         ) in err.decode()
         assert "Booting worker" not in err.decode()
@@ -313,7 +315,7 @@ async def _until_total(admin: Address, total: float, *, more: bool = False) -> N
         counted = await _requests_total(admin)
         return counted > total if more else counted == total
 
-    await until(reached, f"{total} requests counted", 5.0)
+    await until(reached, f"{total} requests counted", 15.0)
 
 
 def _metric_files(tier: Tier, pid: int) -> Iterator[str]:
@@ -444,8 +446,13 @@ async def test_a_proxy_tier_serves_its_servers_and_keeps_them_on_a_bad_reload() 
         ) as tier:
             assert await _requests(tier, 10) == Counter(ok=20)
             [(first, admin)] = tier.workers().items()
-            # Multiprocess mode without PROMETHEUS_MULTIPROC_DIR set: the config's default.
-            assert any(tier.metrics_dir.glob(f"counter_{first}.db")), tier.metrics_dir
+
+            # Multiprocess mode without PROMETHEUS_MULTIPROC_DIR set: the config's default
+            # (written at the worker's first sample, SAMPLE_INTERVAL after its start).
+            async def counted() -> bool:
+                return any(tier.metrics_dir.glob(f"counter_{first}.db"))
+
+            await until(counted, f"counters in {tier.metrics_dir}", 15.0)
             status, view = await fetch_json(admin, "/status")
             assert (status, view["name"], view["role"]) == (200, "proxy-g", "proxy")
             metrics = (await fetch(admin, "/metrics"))[1].decode()

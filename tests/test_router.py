@@ -272,7 +272,7 @@ async def test_adding_an_existing_name_is_a_conflict(
         (
             b'{"name": "server-0-1", "address": "http://x"}',
             "address",
-            "'unix:/path' or 'tcp://host:port'",
+            "'unix:/path', 'tcp://host:port' or 'https://host:port'",
             "'http://x'",
         ),
         (b'{"name": 7, "address": "unix:/tmp/x.sock"}', "name", "a valid string", "7"),

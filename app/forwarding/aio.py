@@ -24,7 +24,9 @@ changed it:
    parser, kept by a pooled connection as ``_parser`` with ``_skip_payload``, so it is
    made again only for a new connection or a change of HEAD-ness), ``read()`` for the
    next ``(RawResponseMessage, StreamReader)``, ``should_close``.
-5. Connector pool state, to drain and recycle a pool: ``_force_close`` (keep nothing
+5. ``ResponseHandler.set_parser(reader, None)`` after a 101: the connection's bytes go
+   to our reader as they come (``read_raw``), as aiohttp's WebSocket client does it.
+6. Connector pool state, to drain and recycle a pool: ``_force_close`` (keep nothing
    alive), ``_conns`` (idle connections), ``_acquired`` and ``_waiters`` (busy).
 """
 
@@ -32,7 +34,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, Final
+from ssl import SSLContext
+from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp import ClientTimeout, http_parser
@@ -130,15 +133,21 @@ class Pool:
         connect_timeout: float,
         keepalive_timeout: float,
         limit: int,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
+        """``ssl`` and ``server_hostname`` (default: the address's host) are for an
+        ``https://`` address."""
         if address.is_unix:
             self.connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
                 path=address.path, keepalive_timeout=keepalive_timeout, limit=limit
             )
-        else:
-            self.connector = aiohttp.TCPConnector(keepalive_timeout=keepalive_timeout, limit=limit)
+        else:  # an https address's URL makes aiohttp connect with TLS
+            self.connector = aiohttp.TCPConnector(
+                ssl=True if ssl is None else ssl, keepalive_timeout=keepalive_timeout, limit=limit
+            )
         url = URL(address.http_base)
-        self._key = ClientRequest("GET", url, loop=loop)
+        self._key = ClientRequest("GET", url, loop=loop, server_hostname=server_hostname)
         self._connect_timeout = ClientTimeout(total=None, connect=connect_timeout)
         # What a request from a client that sent no Host (HTTP/1.0) says instead.
         self.host = (url.host_port_subcomponent or "localhost").encode()
@@ -203,6 +212,23 @@ def next_response(
 def interim(message: RawResponseMessage) -> bool:
     """Whether ``message`` is an interim (1xx) response, to skip; 101 is final."""
     return 100 <= message.code <= 199 and message.code != 101
+
+
+class RawReader(Protocol):
+    """What takes an upgraded upstream connection's bytes (``read_raw``)."""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]: ...
+
+    def feed_eof(self) -> None: ...
+
+
+def read_raw(protocol: ResponseHandler, reader: RawReader) -> None:
+    """From now on, ``protocol``'s bytes go to ``reader`` as they come (after a 101).
+
+    The way aiohttp's own WebSocket client takes over a connection: ``set_parser``,
+    which first hands over what came after the 101's head.
+    """
+    protocol.set_parser(reader, None)
 
 
 def protocol_of(conn: Connection) -> ResponseHandler:

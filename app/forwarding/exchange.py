@@ -34,9 +34,10 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from app.forwarding import aio
-from app.forwarding.headers import request_bytes
+from app.forwarding.headers import request_bytes, response_head, upgrade_lines
 from app.forwarding.relay import Relay
 from app.forwarding.state import CLIENT_GONE, WAIT_HEADERS, BodyFailed, Exchange
+from app.forwarding.tunnel import Tunnel
 from app.log import get_logger
 from app.routing import Upstream
 
@@ -155,6 +156,8 @@ class Exchanger:
                         nxt = self._next(upstream, (*tried, upstream), charged=bool(cost))
                     if nxt is None:
                         assert out.conn and out.response and out.payload
+                        if ex.head.upgrade or out.response.code == 101:
+                            return await self._upgrade(ex, link, out)
                         return await self._relay.relay(
                             ex, link, out.conn, out.response, out.payload
                         )
@@ -196,6 +199,36 @@ class Exchanger:
                 return fw.refuse(ex, out.status, out.problem, unreached=not charged and not reached)
             link.stats.retries += 1
             upstream = nxt
+
+    async def _upgrade(self, ex: Exchange, link: Link, out: Outcome) -> tuple[int, bool]:
+        """An answer to an upgrade request: a 101 opens the tunnel; others are relayed."""
+        conn, response, payload = out.conn, out.response, out.payload
+        assert conn is not None and response is not None and payload is not None
+        if response.code != 101:
+            self.fw.stats.tunnels["rejected"] += 1
+            return await self._relay.relay(ex, link, conn, response, payload)
+        if not ex.head.upgrade:  # switching protocols nobody asked for
+            conn.close()
+            self.fw.admission.release(link.upstream)
+            self._penalise(link, "protocol")
+            return self.fw.refuse(ex, 502, "invalid upstream response")
+        protocol: str = response.headers.get("Upgrade", "")
+        ex.conn.write(
+            response_head(
+                101,
+                response.reason.encode("utf-8", "surrogateescape"),
+                response.raw_headers,
+                request_id=ex.head.request_id,
+                served_by=b"" if self.fw.edge else link.name,
+                extra=upgrade_lines(protocol.encode("utf-8", "surrogateescape")),
+            )
+        )
+        tunnel = Tunnel(self.fw, ex, link, conn, websocket=ex.head.upgrade == b"websocket")
+        try:
+            await tunnel.run()
+        finally:
+            self.fw.admission.release(link.upstream)
+        return 101, False
 
     def _answered(self, ex: Exchange, link: Link, out: Outcome, may_retry: bool) -> int | None:
         """Account for an answer: None to relay it; to retry, the reached tries it cost."""

@@ -92,6 +92,8 @@ class Forwarder:
         limits = tier.limits
         self._max_body = limits.max_body_size
         self._max_concurrent = limits.max_concurrent
+        self._tunnel_protocols = frozenset(p.lower() for p in tier.tunnels.protocols)
+        self._max_tunnels = tier.tunnels.max
         self._loop: asyncio.AbstractEventLoop | None = None
         self._access_log: AccessLog | None = None
 
@@ -121,6 +123,7 @@ class Forwarder:
         inner = 0 if self.edge else 1
         return FrontServer(
             self.serve,
+            tunnels=lambda message: bool(self._upgrade_to(message)),
             keepalive=timeouts.client_keepalive,
             max_line_size=limits.max_header_size + inner * _ADDED_BYTES,
             max_headers=limits.max_headers + inner * ADDED_LINES,
@@ -185,6 +188,7 @@ class Forwarder:
             http10=message.version < aio.HTTP11,
             new_id=self._new_id,
             authority=None if message.path[:1] == "/" else _authority(message),
+            upgrade=self._upgrade_to(message) if message.upgrade else b"",
         )
         exchange = Exchange(conn, message, payload, head, conn.task)
         refused = self._check(exchange)
@@ -238,8 +242,19 @@ class Forwarder:
             return self.refuse(ex, 503, "too many requests in flight", retry_after=True)
         if self.state != "ready":
             return self.refuse(ex, 503, "not ready", retry_after=True)
+        if ex.head.upgrade and self.stats.tunnels_open >= self._max_tunnels:
+            self.stats.tunnels["refused"] += 1
+            return self.refuse(ex, 503, "too many tunnels open", retry_after=True)
         ex.target = target
         return None
+
+    def _upgrade_to(self, message: aio.RawRequestMessage) -> bytes:
+        """The protocol an upgrade request asks for, if this tier tunnels it; else b""."""
+        if not message.upgrade or message.version < aio.HTTP11:
+            return b""
+        protocol: str = message.headers.get("Upgrade", "")
+        token = protocol.strip().lower()
+        return token.encode() if token in self._tunnel_protocols else b""
 
     def refuse(
         self,
@@ -279,6 +294,7 @@ class Forwarder:
             "policy": self.tier.policy,
             "panic": self.health.in_panic,
             "retry_budget": round(self.budget.balance(), 2),
+            "tunnels": {"open": self.stats.tunnels_open, "max": self._max_tunnels},
             "upstreams": self.upstream_views(),
         }
 

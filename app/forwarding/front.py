@@ -23,7 +23,7 @@ import collections
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -33,8 +33,13 @@ from app.forwarding.headers import error_response
 from app.httpserver import DataPlane
 from app.log import get_logger
 
+if TYPE_CHECKING:
+    from app.forwarding.tunnel import Tunnel
+
 log = get_logger("http")
 
+# How long a tunnel closed at shutdown has to send its close frames.
+_TUNNEL_CLOSE: Final = 1.0
 _METHOD_SP: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_ ")
 _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/(\d\.\d)\r?\n")
 
@@ -83,6 +88,7 @@ class FrontServer(DataPlane):
         self,
         handler: Handler,
         *,
+        tunnels: Callable[[aio.RawRequestMessage], bool],
         keepalive: float,
         max_line_size: int,
         max_headers: int,
@@ -90,6 +96,7 @@ class FrontServer(DataPlane):
     ) -> None:
         super().__init__(_unused_handler)
         self.handler = handler
+        self.tunnels = tunnels  # whether an upgrade request may become a tunnel
         self.keepalive = keepalive
         self.max_line_size = max_line_size
         self.max_headers = max_headers
@@ -122,13 +129,17 @@ class FrontServer(DataPlane):
             conn.close_when_done()
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Let requests in progress finish within ``timeout``, then cut what is left."""
+        """Let requests and tunnels in progress finish within ``timeout``; then close
+        tunnels (a WebSocket close frame each way, between frames) and cut the rest."""
         conns = list(self._front)
         if conns:
-            waits = [asyncio.shield(c.done) for c in conns]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*waits, return_exceptions=True)
+            # Tunnels still open then get their close frames within the timeout.
+            await _wait_done(conns, None if timeout is None else max(0.0, timeout - _TUNNEL_CLOSE))
+            tunnels = [c for c in conns if c.tunnel is not None]
+            for conn in tunnels:
+                assert conn.tunnel is not None
+                conn.tunnel.close("the process is stopping")
+            await _wait_done(tunnels, _TUNNEL_CLOSE)
             for conn in conns:
                 conn.abort()
         self._front.clear()
@@ -151,6 +162,13 @@ class FrontServer(DataPlane):
                         exchange.expire()
                 elif not conn.queued and conn.idle_since <= idle_limit:
                     conn.idle_timeout()
+
+
+async def _wait_done(conns: list[FrontConnection], timeout: float | None) -> None:
+    waits = [asyncio.shield(c.done) for c in conns]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def _unused_handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -180,6 +198,8 @@ class FrontConnection(aio.BaseProtocol):
         self._closing = False  # after the current response
         self._refused = False  # a parse error: nothing more is read
         self._payloads: list[aio.StreamReader] = []
+        self._held: bytearray | None = None  # after an upgrade request
+        self._tunnel: Tunnel | None = None
         self.done: asyncio.Future[None] = loop.create_future()
 
     @property
@@ -204,6 +224,15 @@ class FrontConnection(aio.BaseProtocol):
         self._task = self._loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.up(data)
+            return
+        if self._held is not None:  # after an upgrade request, until it is answered
+            self._held += data
+            if len(self._held) >= aio.READ_BUFSIZE and not aio.reading_held(self):
+                aio.hold_reading(self)
+            return
         if self._refused:
             return
         try:
@@ -217,27 +246,29 @@ class FrontConnection(aio.BaseProtocol):
                 queue.append((message, payload))
                 if payload is not aio.EMPTY_PAYLOAD:
                     self._payloads.append(payload)
-            if messages[-1][0].upgrade and not upgraded:
-                # aiohttp's parser dropped what followed an Upgrade it doesn't tunnel.
-                rest = _after_heads(data, messages)
+            last = messages[-1][0]
+            if last.upgrade:
+                # What follows may be the new protocol's: held until the upgrade is
+                # answered. aiohttp's parser hands it over only for the protocols it
+                # knows (WebSocket); for others it drops it, and it is found here.
+                rest = tail if upgraded else _after_heads(data, messages)
                 if rest is None:
                     self.queue.append(400)
                     self._refused = True
+                elif self.server.tunnels(last):
+                    self._held = bytearray(rest)
                 elif rest:
+                    self.parser.set_upgraded(False)
                     self.data_received(rest)
             self._wake()
             if len(queue) >= aio.MAX_PIPELINED and not aio.reading_held(self):
                 aio.hold_reading(self)
-        if upgraded:
-            # A tunnel aiohttp would open (WebSocket, CONNECT): forwarded as a plain
-            # request, so parsing goes on with what followed it.
-            self.parser.set_upgraded(False)
-            if tail:
-                self.data_received(tail)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.server.detach(self)
+        if self._tunnel is not None:
+            self._tunnel.finish("the client went away")
         for payload in self._payloads:
             if not payload.is_eof():
                 payload.set_exception(ConnectionResetError("client went away"))
@@ -276,6 +307,8 @@ class FrontConnection(aio.BaseProtocol):
                     break
                 message, payload = item
                 keep = await self.server.handler(self, message, payload)
+                if self._held is not None:  # the upgrade was not tunnelled
+                    self.resume_parsing()
                 if payload is not aio.EMPTY_PAYLOAD:
                     with contextlib.suppress(ValueError):
                         self._payloads.remove(payload)
@@ -306,6 +339,48 @@ class FrontConnection(aio.BaseProtocol):
         self._wake()
 
     # -- what the handler uses -------------------------------------------------------
+
+    def resume_parsing(self) -> None:
+        """An upgrade that was not tunnelled: what followed it is HTTP after all."""
+        held, self._held = self._held, None
+        self.parser.set_upgraded(False)
+        if aio.reading_held(self) and len(self.queue) < aio.MAX_PIPELINED:
+            aio.release_reading(self)
+        if held:
+            self.data_received(bytes(held))
+
+    def start_tunnel(self, tunnel: Tunnel) -> bytes:
+        """From now on every byte goes to ``tunnel``; returns what came before."""
+        self._tunnel = tunnel
+        held, self._held = self._held or b"", None
+        if aio.reading_held(self):
+            aio.release_reading(self)
+        return bytes(held)
+
+    def end_tunnel(self) -> None:
+        """The tunnel is over: so is this connection."""
+        self._tunnel = None
+        self._closing = True
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    @property
+    def tunnel(self) -> Tunnel | None:
+        return self._tunnel
+
+    def pause_reading_for_tunnel(self) -> None:
+        if not aio.reading_held(self):
+            aio.hold_reading(self)
+
+    def resume_reading_for_tunnel(self) -> None:
+        if aio.reading_held(self):
+            aio.release_reading(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._tunnel is not None:
+            self._tunnel.client_writable()
 
     @property
     def closing(self) -> bool:

@@ -93,11 +93,18 @@ class RequestHead:
     ``problem``: why the request must be refused with ``status``, or "".
     """
 
-    __slots__ = ("has_host", "lines", "problem", "request_id", "status")
+    __slots__ = ("has_host", "lines", "problem", "request_id", "status", "upgrade")
 
     def __init__(
-        self, lines: bytes, request_id: bytes, has_host: bool, problem: str, status: int = 400
+        self,
+        lines: bytes,
+        request_id: bytes,
+        has_host: bool,
+        problem: str,
+        status: int = 400,
+        upgrade: bytes = b"",
     ) -> None:
+        self.upgrade = upgrade  # the protocol of a request that may become a tunnel
         self.lines = lines
         self.request_id = request_id
         self.has_host = has_host
@@ -114,11 +121,13 @@ def request_head(
     http10: bool,
     new_id: Callable[[], bytes],
     authority: bytes | None = None,
+    upgrade: bytes = b"",
 ) -> RequestHead:
     """Rewrite a request's headers for the upstream, in one pass.
 
     ``authority``, from an absolute-form target, replaces the client's Host (RFC 9112
-    §3.2.2).
+    §3.2.2). ``upgrade``, for a request that may become a tunnel, is the protocol it
+    asks for: it goes on with ``Connection: upgrade``.
     ``client`` is appended to ``X-Forwarded-For``; ``via`` (``1.1 <name>``) to ``Via``.
     At the edge (the balancer) ``proto`` is the client connection's scheme, which
     replaces what the client said in ``X-Forwarded-Proto``; further in (``proto``
@@ -173,13 +182,21 @@ def request_head(
     if proto:
         forwarded_proto = proto
     request_id = request_id or new_id()
-    tail = b"X-Forwarded-For: %s\r\n%sVia: %s\r\nX-Request-Id: %s\r\n" % (
+    tail = b"X-Forwarded-For: %s\r\n%sVia: %s\r\nX-Request-Id: %s\r\n%s" % (
         b"%s, %s" % (forwarded_for, client) if forwarded_for else client,
         b"X-Forwarded-Proto: %s\r\n" % forwarded_proto if forwarded_proto else b"",
         b"%s, %s" % (via_in, via) if via_in else via,
         request_id,
+        upgrade_lines(upgrade) if upgrade else b"",
     )
-    return RequestHead(host + b"".join(lines) + tail, request_id, has_host, problem, status)
+    return RequestHead(
+        host + b"".join(lines) + tail, request_id, has_host, problem, status, upgrade
+    )
+
+
+def upgrade_lines(protocol: bytes) -> bytes:
+    """The hop-by-hop lines of an upgrade to ``protocol``, as this hop sends them."""
+    return b"Connection: upgrade\r\nUpgrade: %s\r\n" % protocol
 
 
 def _drop_named(lines: list[bytes], connection: bytes, host: bytes) -> tuple[list[bytes], bool]:

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from app.forwarding.upstreams import Link
 
 # What an exchange waits on; when it waits too long, the status it answers with.
-WAIT_HEADERS, READ_CLIENT, WRITE_UPSTREAM, READ_UPSTREAM, WRITE_CLIENT = range(5)
-_PHASE_STATUS: Final = (504, 408, 504, 504, 408)
+WAIT_HEADERS, READ_CLIENT, WRITE_UPSTREAM, READ_UPSTREAM, WRITE_CLIENT, TUNNEL = range(6)
+_PHASE_STATUS: Final = (504, 408, 504, 504, 408, 408)
 UPSTREAM_PHASES: Final = frozenset({WAIT_HEADERS, WRITE_UPSTREAM, READ_UPSTREAM})
 # The status of an exchange whose client went away: nothing is sent (nginx's 499).
 CLIENT_GONE: Final = 499

@@ -101,6 +101,17 @@ _EXHAUSTED = (
     "lbstack_retry_budget_exhausted",
     "Retries refused because the retry budget was spent.",
 )
+_TUNNELS_OPEN = ("lbstack_tunnels_open", "Upgraded connections (WebSocket) tunnelled now.")
+_TUNNELS = (
+    "lbstack_tunnels",
+    "Upgrade requests by result: opened (101), rejected (the upstream answered "
+    "otherwise), refused (over tunnels.max: 503).",
+)
+_TUNNEL_BYTES = (
+    "lbstack_tunnel_bytes",
+    "Bytes carried by tunnels, by direction: up (client to upstream) or down.",
+)
+TUNNEL_RESULTS: Final = ("opened", "rejected", "refused")
 
 
 class Histogram:
@@ -147,13 +158,24 @@ class UpstreamStats:
 class TierStats:
     """What the component's own requests did."""
 
-    __slots__ = ("budget_exhausted", "client_disconnects", "codes", "latency")
+    __slots__ = (
+        "budget_exhausted",
+        "client_disconnects",
+        "codes",
+        "latency",
+        "tunnel_bytes",
+        "tunnels",
+        "tunnels_open",
+    )
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
         self.latency = Histogram()
         self.client_disconnects = 0
         self.budget_exhausted = 0
+        self.tunnels_open = 0
+        self.tunnels: dict[str, int] = dict.fromkeys(TUNNEL_RESULTS, 0)
+        self.tunnel_bytes: dict[str, int] = {"up": 0, "down": 0}
 
     def count(self, status: int) -> None:
         """A response answered, by status code."""
@@ -223,6 +245,11 @@ class ForwardingCollector(SampledCollector):
         out.queue.add_metric(base, float(self._queue_length()))
         out.budget.add_metric(base, float(self._budget()))
         out.exhausted.add_metric(base, float(tier.budget_exhausted))
+        out.tunnels_open.add_metric(base, float(tier.tunnels_open))
+        for result, number in tier.tunnels.copy().items():
+            out.tunnels.add_metric([*base, result], float(number))
+        for direction, number in tier.tunnel_bytes.copy().items():
+            out.tunnel_bytes.add_metric([*base, direction], float(number))
         return iter(out.all())
 
     def sample(self) -> None:
@@ -237,6 +264,9 @@ class ForwardingCollector(SampledCollector):
         done.other = _add(files.exhausted.labels(*base), tier.budget_exhausted, done.other)
         files.queue.labels(*base).set(self._queue_length())
         files.budget.labels(*base).set(self._budget())
+        files.tunnels_open.labels(*base).set(tier.tunnels_open)
+        _add_codes(files.tunnels, base, tier.tunnels, done.tunnels)
+        _add_codes(files.tunnel_bytes, base, tier.tunnel_bytes, done.tunnel_bytes)
 
         readings = list(self._upstreams())
         current = {stats for stats, *_ in readings}
@@ -276,6 +306,9 @@ class _Families:
         self.queue = GaugeMetricFamily(*_QUEUE, labels=BASE)
         self.budget = GaugeMetricFamily(*_BUDGET, labels=BASE)
         self.exhausted = CounterMetricFamily(*_EXHAUSTED, labels=BASE)
+        self.tunnels_open = GaugeMetricFamily(*_TUNNELS_OPEN, labels=BASE)
+        self.tunnels = CounterMetricFamily(*_TUNNELS, labels=(*BASE, "result"))
+        self.tunnel_bytes = CounterMetricFamily(*_TUNNEL_BYTES, labels=(*BASE, "direction"))
 
     def all(self) -> list[Metric]:
         return [
@@ -293,6 +326,9 @@ class _Families:
             self.queue,
             self.budget,
             self.exhausted,
+            self.tunnels_open,
+            self.tunnels,
+            self.tunnel_bytes,
         ]
 
 
@@ -312,11 +348,13 @@ def _cumulative(histogram: Histogram) -> tuple[list[tuple[str, float]], float]:
 class _Written:
     """What of one stats object is in the files already."""
 
-    __slots__ = ("codes", "count", "errors", "latency", "other")
+    __slots__ = ("codes", "count", "errors", "latency", "other", "tunnel_bytes", "tunnels")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
         self.errors: dict[str, int] = {}
+        self.tunnels: dict[str, int] = {}
+        self.tunnel_bytes: dict[str, int] = {}
         self.count = 0  # client disconnects, or an upstream's retries
         self.other = 0  # retry budget exhausted
         self.latency: tuple[list[int], float] = ([0] * len(_LE), 0.0)
@@ -360,6 +398,9 @@ class _FileSeries:
         self.queue = gauge(*_QUEUE, BASE, registry=None, multiprocess_mode="livesum")
         self.budget = gauge(*_BUDGET, BASE, registry=None, multiprocess_mode="livesum")
         self.exhausted = counter(*_EXHAUSTED, BASE, registry=None)
+        self.tunnels_open = gauge(*_TUNNELS_OPEN, BASE, registry=None, multiprocess_mode="livesum")
+        self.tunnels = counter(*_TUNNELS, (*BASE, "result"), registry=None)
+        self.tunnel_bytes = counter(*_TUNNEL_BYTES, (*BASE, "direction"), registry=None)
 
     def add_upstream(self, labels: tuple[str, ...], stats: UpstreamStats, done: _Written) -> None:
         _add_codes(self.up_requests, labels, stats.codes, done.codes)

@@ -23,6 +23,7 @@ from app.health import HealthMonitor
 from app.log import get_logger
 from app.routing import Policy, Upstream
 from app.scrape import Scraper
+from app.tls import upstream_context
 
 log = get_logger("forwarding")
 
@@ -97,6 +98,8 @@ class UpstreamSet:
             connect_timeout=tier.timeouts.connect,
             keepalive_timeout=tier.timeouts.pool_idle,
             limit=tier.limits.max_connections_per_upstream,
+            ssl=upstream_context(tier.upstream_tls, upstream.address),
+            server_hostname=tier.upstream_tls.server_name or None,
         )
         if upstream.draining:
             pool.stop_pooling()

@@ -290,6 +290,7 @@ class Supervisor:
                 role=role,
                 group=group,
                 listen_fds=self._fds(listen),
+                tls_fds=self._fds(a for a in listen if a.is_tls),
                 admin_fd=admin_fd,
                 upstreams=upstreams(),
                 peers=peers(),

@@ -21,6 +21,13 @@ it, and replaces exactly the children whose part of it changed; group sizes and 
 number of balancers follow the new config. What can't change while running (run dir,
 listeners, metrics endpoint, number of proxies) is refused with the reason, and an
 invalid config is refused with its error: either way nothing changes.
+
+Certificates are reloaded in process, not by replacing balancers: with https
+listeners, every reload first has each balancer read its certificates again
+(``POST /tls/reload`` with the new ``[tls]``, see ``app/balancer.py``). New handshakes
+get the certificates as the files are now; established connections keep going.
+Validating the config checked those files already; should a balancer still fail to
+load them, it keeps its own and the reload is rolled back.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from app.client import fetch
+from app.client import fetch, fetch_json
 from app.component import balancer_name
 from app.config import Config
 from app.errors import ControlError
@@ -50,6 +57,7 @@ FIXED = ("run_dir", "listen", "metrics_listen", "proxies")
 ROLE_ORDER = {"server": 0, "proxy": 1, "balancer": 2}
 DRAINING_TIMEOUT = 5.0
 DRAINING_POLL = 0.02
+TLS_RELOAD = "/tls/reload"  # a balancer's (app/balancer.py)
 
 
 class Reloader:
@@ -81,18 +89,23 @@ class Reloader:
         ]
         if refusals:
             raise ControlError("reload refused: " + "; ".join(refusals))
+        https = _https(new)
         if dry_run:
-            return {
+            plan: dict[str, Any] = {
                 "dry_run": True,
                 "replaced": [c.name for c in self._changed(old, new) if c.state != "external"],
                 "balancers": self._balancer_changes(new.balancers),
                 "scaled": self._group_sizes(new),
             }
+            if https:
+                plan["certificates"] = [c.name for c in self._balancers()]
+            return plan
         async with supervisor.scaler.lock:
             changed = self._changed(old, new)
             self._apply(new)
             done: list[Child] = []  # the children running the new config so far
             try:
+                certificates = await self._reload_certificates(new) if https else []
                 replaced = await self._replace_all(changed, done)
                 balancers = await self._set_balancers(new.balancers)
                 scaled = await self._resize_groups(new)
@@ -101,7 +114,9 @@ class Reloader:
                     f"reload failed: {exc}; {await self._roll_back(old, done)}"
                 ) from exc
         supervisor.config_changed()
-        summary = {"replaced": replaced, "balancers": balancers, "scaled": scaled}
+        summary: dict[str, Any] = {"replaced": replaced, "balancers": balancers, "scaled": scaled}
+        if https:
+            summary["certificates"] = certificates
         log.info(
             "reload done: %s",
             "nothing changed"
@@ -128,12 +143,25 @@ class Reloader:
             back = await self._replace_all(_ordered(done), [])
             await self._set_balancers(old.balancers)
             await self._resize_groups(old)
+            if _https(old):
+                await self._reload_certificates(old)
         except ControlError as exc:
             log.error("rolling back the reload failed: %s", exc)
             return f"rolling back failed too ({exc}): `lbstack status` shows what runs"
         if not back:
             return "nothing was changed"
         return f"rolled back: {', '.join(back)} run the previous config again"
+
+    async def _reload_certificates(self, config: Config) -> list[str]:
+        """Every ready balancer serves the certificates ``config`` names, read from the
+        files now (one starting meanwhile reads them as it starts); the balancers that
+        did. ``ControlError`` at the first that refused, which keeps its own."""
+        done = []
+        for balancer in self._balancers():
+            if balancer.state == "ready":
+                await _post_tls(balancer, config)
+                done.append(balancer.name)
+        return done
 
     # ---- rolling restart -------------------------------------------------------------
 
@@ -263,6 +291,25 @@ async def _until_draining(old: Child, stopping: asyncio.Task[None]) -> None:
         if status == 503 and b"draining" in body:
             return
         await asyncio.sleep(DRAINING_POLL)
+
+
+def _https(config: Config) -> bool:
+    """Whether the balancers terminate TLS (serve certificates)."""
+    return any(address.is_tls for address in config.listen)
+
+
+async def _post_tls(balancer: Child, config: Config) -> None:
+    """Have ``balancer`` serve the certificates ``config`` names, read from the files."""
+    assert balancer.admin is not None
+    try:
+        status, answer = await fetch_json(
+            balancer.admin, TLS_RELOAD, method="POST", body=config.tls.model_dump(mode="json")
+        )
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ControlError(f"{balancer.name} did not answer POST {TLS_RELOAD}: {exc!r}") from exc
+    if status != 200:
+        error = answer.get("error", answer) if isinstance(answer, dict) else answer
+        raise ControlError(f"{balancer.name}: {error}")
 
 
 def _ordered(children: list[Child]) -> list[Child]:
