@@ -106,7 +106,7 @@ async def http_ok(url: str, *, unix: Path | None = None, timeout: float = 2.0) -
             aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as client,
-            client.get(url) as response,
+            client.get(url, ssl=False) as response,  # benches use self-signed certificates
         ):
             await response.read()
             return 200 <= response.status < 300
@@ -168,9 +168,12 @@ class LbstackStack:
         lbstack: Path | None = None,
         ready_timeout: float = 60.0,
         stop_timeout: float = 30.0,
+        https: bool = False,
     ) -> None:
         self.workdir = workdir
         self.config_text = config_text
+        # https: the listener terminates TLS (the config must give [tls] cert and key).
+        self.scheme = "https" if https else "http"
         self.lbstack = lbstack if lbstack is not None else Path(sys.executable).with_name("lbstack")
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -185,7 +188,7 @@ class LbstackStack:
     @property
     def url(self) -> str:
         """The balancer's TCP listener."""
-        return f"http://127.0.0.1:{self.port}/"
+        return f"{self.scheme}://127.0.0.1:{self.port}/"
 
     async def start(self) -> None:
         """Start the stack and return once its banner says it is ready."""
@@ -201,7 +204,7 @@ class LbstackStack:
                 "--run-dir",
                 str(self.run_dir),
                 "--listen",
-                f"tcp://127.0.0.1:{self.port}",
+                f"{'https' if self.scheme == 'https' else 'tcp'}://127.0.0.1:{self.port}",
                 "--metrics-listen",
                 "off",
                 "--config",
@@ -366,8 +369,17 @@ def _nginx_conf(
     listen: str,
     upstreams: Sequence[str],
     method: NginxMethod,
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
-    """One nginx instance: ``listen`` → the ``upstreams``, keep-alive both ways."""
+    """One nginx instance: ``listen`` → the ``upstreams``, keep-alive both ways; with
+    ``tls`` (certificate, key) it terminates TLS 1.2/1.3 on ``listen``."""
+    ssl = ""
+    if tls is not None:
+        listen += " ssl"
+        ssl = (
+            f"ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;"
+        )
     # nginx started as root would switch its worker to `nobody`, which may not reach
     # the 0660 server sockets: keep the worker as the user running the benchmark.
     user = ""
@@ -403,6 +415,7 @@ http {{
 
     server {{
         listen {listen};
+        {ssl}
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -533,7 +546,8 @@ class _TieredTopology:
     @property
     def url(self) -> str:
         """The front instance's TCP listener."""
-        return f"http://127.0.0.1:{self.port}/"
+        scheme = "https" if getattr(self, "tls", None) else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/"
 
     @property
     def instances(self) -> list[_Instance]:
@@ -619,17 +633,21 @@ class NginxTopology(_TieredTopology):
         method: NginxMethod = "round_robin",
         nginx: str = "nginx",
         ready_timeout: float = 15.0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         super().__init__(workdir / f"nginx-{method}", groups, ready_timeout=ready_timeout)
         self.method = method
         self.nginx = nginx
+        self.tls = tls  # (certificate, key): the front terminates TLS
 
     def _instance(self, prefix: Path, listen: Path | int, upstreams: Sequence[Path]) -> _Instance:
+        front = not isinstance(listen, Path)
         conf = _nginx_conf(
             prefix=prefix,
             listen=f"unix:{listen}" if isinstance(listen, Path) else f"127.0.0.1:{listen}",
             upstreams=[f"unix:{u}" for u in upstreams],
             method=self.method,
+            tls=self.tls if front else None,
         )
         return _NginxInstance(self.nginx, prefix, conf)
 
