@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint types bench lock clean
+.PHONY: run test check lint types docs bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
@@ -34,8 +34,12 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-## check: lint, types and tests, as before every commit
-check: lint types test
+## docs: build the documentation site into site/ (broken links fail the build)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+## check: lint, types, docs and tests, as before every commit
+check: lint types docs test
 
 ## bench: lbstack against nginx in the same topology (needs wrk and nginx)
 bench: $(STAMP)
@@ -50,4 +54,4 @@ lock:
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info site

@@ -1,4 +1,4 @@
-"""The ``lbstack`` command line (a contract: see README "Command line")."""
+"""The ``lbstack`` command line (a contract: see docs/operations.md)."""
 
 from __future__ import annotations
 
