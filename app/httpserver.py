@@ -14,6 +14,7 @@ response, from ``request.keep_alive``; our requests answer it at that moment.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,11 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 log = get_logger("http")
+
+# What a stopping DataServer keeps of its graceful timeout for ``on_stop`` and aiohttp's
+# own shutdown; how often it looks whether its requests are over meanwhile.
+_STOP_GRACE = 1.0
+_STOP_POLL = 0.05
 
 
 def error_status(exc: BaseException | None, status: int) -> int:
@@ -91,10 +97,36 @@ class _Request(web.BaseRequest):
 
 
 class DataServer(DataPlane):
-    """``web.Server`` whose connections use our request handler and requests."""
+    """``web.Server`` whose connections use our request handler and requests.
 
-    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+    ``on_stop`` ends long-lived sessions (WebSockets) cleanly when the server stops:
+    it runs a second before the graceful timeout is over, if requests are still in
+    progress, and aiohttp's own shutdown then gets that last second. (aiohttp would
+    wait the whole timeout twice, then close the sockets under the sessions.)
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, request_factory=self._request, **kwargs)
+        self._on_stop = on_stop
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._on_stop is None or timeout is None:
+            await super().shutdown(timeout)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout - _STOP_GRACE)
+        # Polled: aiohttp signals no event when its last request ends.
+        while self.busy and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_STOP_POLL)
+        if self.busy:
+            await self._on_stop()
+        await super().shutdown(_STOP_GRACE / 2)
 
     def __call__(self) -> RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)

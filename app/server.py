@@ -42,6 +42,7 @@ config) and takes the actions ``hang``, ``crash`` and ``clear``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -50,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from pydantic_core import PydanticCustomError
 
@@ -102,6 +103,7 @@ class SimulatedServer:
         self._exit_process = exit_process
         self.in_flight = 0
         self.served = 0
+        self._sockets: set[web.WebSocketResponse] = set()  # open WebSocket sessions
         self.received: dict[str, int] = {}  # by method, counted on arrival
         # Read at scrape time, so the hot path never takes the gauge's lock.
         metrics.in_flight.set_function(lambda: self.in_flight)
@@ -194,16 +196,31 @@ class SimulatedServer:
             return self._http_error(exc)
         # Counted now: the session's length is no latency a router should weigh.
         self._answered(ws.status, started)
+        self._sockets.add(ws)
         # autoping and autoclose: aiohttp answers pings and a close itself.
-        async for message in ws:
-            await self.simulator.gate()
-            if message.type is WSMsgType.TEXT:
-                await ws.send_str(message.data)
-            elif message.type is WSMsgType.BINARY:
-                await ws.send_bytes(message.data)
-            elif message.type is WSMsgType.ERROR:  # aiohttp closes the session after it
-                log.debug("WebSocket of %s closed on an error: %s", request.path, message.data)
+        try:
+            async for message in ws:
+                await self.simulator.gate()
+                if message.type is WSMsgType.TEXT:
+                    await ws.send_str(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    await ws.send_bytes(message.data)
+                elif message.type is WSMsgType.ERROR:  # aiohttp closes the session after it
+                    log.debug("WebSocket of %s closed on an error: %s", request.path, message.data)
+        finally:
+            self._sockets.discard(ws)
         return ws
+
+    async def close_sockets(self) -> None:
+        """The server stops: tell every WebSocket client it is going away (1001)."""
+
+        async def close(ws: web.WebSocketResponse) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping"), 1.0
+                )
+
+        await asyncio.gather(*(close(ws) for ws in list(self._sockets)))
 
     async def _events(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method != "GET":
@@ -344,7 +361,8 @@ def create(
     )
     options = server_options(keepalive=config.keepalive)
     return Component(
-        data_server=lambda: DataServer(server.handle, **options), admin=server.admin_app()
+        data_server=lambda: DataServer(server.handle, on_stop=server.close_sockets, **options),
+        admin=server.admin_app(),
     )
 
 

@@ -157,3 +157,24 @@ async def test_a_tunnel_outlives_a_reload_until_the_graceful_timeout() -> None:
         assert message.type == aiohttp.WSMsgType.CLOSE, message
         assert message.data == 1001
         assert (await reload).returncode == 0
+
+
+async def test_a_server_replaced_by_a_reload_says_going_away() -> None:
+    config = (
+        '[supervisor]\ngraceful_timeout = "3s"\ndrain_window = "500ms"\n'
+        '[server.simulation]\nlatency = "1ms"\n'
+    )
+    async with (
+        running_stack("--proxies", "1", "--servers-per-proxy", "2", config=config) as stack,
+        stack.session() as client,
+        client.ws_connect("/ws") as ws,
+    ):
+        await echo(ws, "before the reload")
+        (stack.run_dir.parent / "lbstack.toml").write_text(config.replace("1ms", "2ms"))
+        out = await cli("reload", "--run-dir", str(stack.run_dir), timeout=90)
+        assert out.returncode == 0, out.stderr
+        # The old server ran to its graceful timeout, then closed with 1001 through
+        # both tunnels; the client never saw a cut connection.
+        message = await asyncio.wait_for(ws.receive(), 15.0)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        assert message.data == 1001
