@@ -410,6 +410,9 @@ async def test_a_wrong_ca_or_a_missing_client_certificate_is_a_502(pki: PKI) -> 
         for proxy in ("proxy-0", "proxy-1"):
             status, body = await through_proxy(stack, proxy)
             assert status == 502, (proxy, status, body)
+        # A certificate the CA did not sign is said as such.
+        _, body = await through_proxy(stack, "proxy-0")
+        assert b"TLS to the upstream failed" in body, body
         assert not rogue.seen and not mutual.seen  # no request got through
 
         async def unhealthy() -> bool:  # the health checks fail the same way

@@ -303,6 +303,9 @@ class Exchanger:
             conn = await pool.acquire(head=message.method == "HEAD")
         except aiohttp.ConnectionTimeoutError:
             return Outcome(Result.UNREACHED, 504, "upstream connect timeout", "timeout")
+        except aiohttp.ClientSSLError as exc:  # a certificate, name or protocol refused
+            log.warning("%s: TLS handshake failed (%s)", link.upstream.name, exc)
+            return Outcome(Result.UNREACHED, 502, "TLS to the upstream failed", "connect")
         except aiohttp.ClientConnectorError as exc:
             log.info("%s: cannot connect (%s)", link.upstream.name, exc)
             return Outcome(Result.UNREACHED, 502, "upstream refused the connection", "connect")
