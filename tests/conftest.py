@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -76,3 +77,47 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# Modules whose every test runs real processes or outside programs (prometheus,
+# systemd-analyze, gunicorn, locust, mkdocs); in the others, the tests that start a
+# stack or a subprocess themselves are marked by what their code calls.
+_INTEGRATION_MODULES = frozenset(
+    {
+        "test_autoscale_command",
+        "test_autoscale_manual",
+        "test_autoscale_reload",
+        "test_autoscale_tolerance",
+        "test_bad_input",
+        "test_control",
+        "test_deploy",
+        "test_failover",
+        "test_fanout",
+        "test_gunicorn",
+        "test_locust",
+        "test_reload",
+        "test_scale",
+        "test_stack",
+        "test_systemd",
+        "test_tls",
+        "test_tunnel",
+        "test_upgrade",
+    }
+)
+_INTEGRATION_CALLS = ("running_stack(", "running_tier(", "create_subprocess_exec(", "subprocess.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: runs real processes (make test-unit leaves these out)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that run real processes ``integration``."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module") else ""
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if module in _INTEGRATION_MODULES or any(call in source for call in _INTEGRATION_CALLS):
+            item.add_marker(pytest.mark.integration)
