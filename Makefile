@@ -32,8 +32,8 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests loadtests
-	$(BIN)/ruff format --check app tests loadtests
+	$(BIN)/ruff check app tests loadtests deploy
+	$(BIN)/ruff format --check app tests loadtests deploy
 
 types: $(STAMP)
 	$(BIN)/mypy

@@ -50,7 +50,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 from requests_unixsocket import UnixAdapter
 
-from app.config import default_run_dir
+from lbstack.config import default_run_dir
 
 # Locust loads this file by path: make the repository root importable for `loadtests`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

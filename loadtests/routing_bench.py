@@ -10,7 +10,7 @@ connections, 2 threads). Scenarios:
 * ``stall``: every server answers in ``--latency``; server-0-2 hangs for
   ``--stall-for`` s every ``--stall-every`` s (``hang`` then ``clear`` on a timer).
 
-Each lbstack routing policy (``app.config.PolicyName``, so a new policy is picked up
+Each lbstack routing policy (``lbstack.config.PolicyName``, so a new policy is picked up
 by itself) gets its own stack with ``[balancer] policy`` and ``[proxy] policy`` set.
 nginx (round robin, then ``least_conn``), when installed, runs in the same shape over
 the *same* server processes as the first lbstack stack that comes up, so it meets the
@@ -45,7 +45,7 @@ from typing import Any, get_args
 from rich.console import Console
 from rich.table import Table
 
-from app.config import PolicyName
+from lbstack.config import PolicyName
 from loadtests.options import positive_int, seconds, summarize
 from loadtests.topology import (
     NGINX_METHODS,

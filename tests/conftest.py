@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from app.address import Address
-from app.httpserver import Handler
+from lbstack.address import Address
+from lbstack.httpserver import Handler
 
 # How long a test server's teardown waits for handlers still running before cancelling.
 SHUTDOWN_TIMEOUT = 2.0

@@ -1,4 +1,4 @@
-"""Starting a real stack (``python -m app up``) in a short temp run dir, for tests."""
+"""Starting a real stack (``python -m lbstack up``) in a short temp run dir, for tests."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from app.address import Address
-from app.client import fetch, fetch_json
-from app.metrics import parse
+from lbstack.address import Address
+from lbstack.client import fetch, fetch_json
+from lbstack.metrics import parse
 
 READY_LINE = "lbstack up:"
 START_TIMEOUT = 60.0
@@ -128,11 +128,11 @@ class CliResult:
 
 
 async def cli(*args: str, timeout: float = 30.0) -> CliResult:
-    """Run ``python -m app ARGS`` to completion."""
+    """Run ``python -m lbstack ARGS`` to completion."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "app",
+        "lbstack",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -201,7 +201,7 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """Start ``lbstack up`` with ARGS (and a TOML config text), wait for its banner.
 
-    ``cwd``: where it runs; ``python -m app`` there imports the ``app`` package found
+    ``cwd``: where it runs; ``python -m lbstack`` there imports the ``lbstack`` package found
     there first (a copy of the code a test can change)."""
     base = short_tmpdir()
     run_dir = base / "run"
@@ -214,7 +214,7 @@ async def running_stack(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "app",
+            "lbstack",
             *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,

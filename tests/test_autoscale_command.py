@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.address import Address
-from app.client import fetch_json
+from lbstack.address import Address
+from lbstack.client import fetch_json
 from tests.harness import Stack, running_stack, short_tmpdir, statuses, steady_load, until
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"

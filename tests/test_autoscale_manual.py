@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.address import Address
-from app.client import fetch_json
+from lbstack.address import Address
+from lbstack.client import fetch_json
 from tests.harness import Stack, cli, running_stack, until
 
 HELD_EVALUATIONS = 5  # evaluations seen held, each of which would otherwise shrink

@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import generate_latest
 
-from app.config import Autoscale
-from app.metrics import Metrics, UpstreamMetrics
-from app.supervisor.autoscaler import Reading, Recommender, Signal
-from app.supervisor.telemetry import tree_cpu_seconds
+from lbstack.config import Autoscale
+from lbstack.metrics import Metrics, UpstreamMetrics
+from lbstack.supervisor.autoscaler import Reading, Recommender, Signal
+from lbstack.supervisor.telemetry import tree_cpu_seconds
 from tests.conftest import FakeClock
 from tests.harness import running_stack, statuses, steady_load, until
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from app import config
-from app.address import Address, parse_address
-from app.errors import ConfigError
-from app.routing import POLICIES
+from lbstack import config
+from lbstack.address import Address, parse_address
+from lbstack.errors import ConfigError
+from lbstack.routing import POLICIES
 
 
 def test_defaults_reproduce_the_original_system() -> None:

@@ -9,8 +9,8 @@ import signal
 
 import aiohttp
 
-from app.address import parse_address
-from app.client import fetch, fetch_json
+from lbstack.address import parse_address
+from lbstack.client import fetch, fetch_json
 from tests.harness import Stack, cli, running_stack
 
 COMPONENTS = {

@@ -27,8 +27,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from app.address import Address
-from app.client import fetch_json
+from lbstack.address import Address
+from lbstack.client import fetch_json
 from tests.harness import Stack, running_stack, short_tmpdir
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -26,15 +26,15 @@ from prometheus_client import generate_latest
 from pytest_aiohttp import AiohttpClient
 from rich.console import Console
 
-from app.address import Address
-from app.component import ChildSpec, UpstreamSpec
-from app.config import BalancerConfig, Config, ExchangeConfig, TierConfig, load
-from app.errors import ConfigError
-from app.exchange import Exchange, LoadView, PeerView, ViewError, peer_label
-from app.metrics import Metrics, parse
-from app.router import create_router
-from app.routing import Policy, Upstream, create_policy
-from app.statusview import render_router
+from lbstack.address import Address
+from lbstack.component import ChildSpec, UpstreamSpec
+from lbstack.config import BalancerConfig, Config, ExchangeConfig, TierConfig, load
+from lbstack.errors import ConfigError
+from lbstack.exchange import Exchange, LoadView, PeerView, ViewError, peer_label
+from lbstack.metrics import Metrics, parse
+from lbstack.router import create_router
+from lbstack.routing import Policy, Upstream, create_policy
+from lbstack.statusview import render_router
 from tests.conftest import FakeClock, UnixServers
 from tests.harness import Stack, running_stack, until
 

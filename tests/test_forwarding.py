@@ -20,14 +20,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from app import balancer, proxy
-from app.address import Address
-from app.component import ChildSpec, UpstreamSpec
-from app.config import Config, Limits, TierConfig, Timeouts
-from app.forwarding import FORWARDER, Forwarder
-from app.forwarding.front import FrontServer
-from app.metrics import ComponentMetrics
-from app.router import create_forwarder
+from lbstack import balancer, proxy
+from lbstack.address import Address
+from lbstack.component import ChildSpec, UpstreamSpec
+from lbstack.config import Config, Limits, TierConfig, Timeouts
+from lbstack.forwarding import FORWARDER, Forwarder
+from lbstack.forwarding.front import FrontServer
+from lbstack.metrics import ComponentMetrics
+from lbstack.router import create_forwarder
 from tests.conftest import UnixServers
 
 MiB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""Contract tests: each use of aiohttp below its public API that ``app.forwarding.aio`` makes.
+"""Contract tests: each use of aiohttp below its public API that ``lbstack.forwarding.aio`` makes.
 
 Each test pins one behaviour the data plane relies on, so that an aiohttp that changed
 it fails here, by name, instead of somewhere in the middle of a forwarded request.
@@ -15,8 +15,8 @@ from aiohttp import http_parser, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
 
-from app.address import Address
-from app.forwarding import aio
+from lbstack.address import Address
+from lbstack.forwarding import aio
 from tests.conftest import UnixServers
 
 REQUEST = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Role: adm\xffin\r\n\r\n"

@@ -1,10 +1,10 @@
-"""Request and response heads as bytes: the pure functions of ``app.forwarding.headers``."""
+"""Request and response heads as bytes: the pure functions of ``lbstack.forwarding.headers``."""
 
 from __future__ import annotations
 
 import pytest
 
-from app.forwarding.headers import (
+from lbstack.forwarding.headers import (
     RequestHead,
     chunk,
     error_response,

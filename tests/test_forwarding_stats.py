@@ -1,5 +1,5 @@
 """Per-request stats and the collector that exports them: the same series as the
-prometheus_client objects of ``app.metrics``, in one process and in multiprocess mode."""
+prometheus_client objects of ``lbstack.metrics``, in one process and in multiprocess mode."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Histogram as PromHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.forwarding import stats as stats_module
-from app.forwarding.stats import (
+from lbstack.forwarding import stats as stats_module
+from lbstack.forwarding.stats import (
     ERROR_KINDS,
     ForwardingCollector,
     Histogram,
@@ -30,7 +30,7 @@ from app.forwarding.stats import (
     _FileSeries,
     add_observations,
 )
-from app.metrics import (
+from lbstack.metrics import (
     LATENCY_BUCKETS,
     ComponentMetrics,
     Metrics,
@@ -82,7 +82,7 @@ class Side(Protocol):
 
 
 class OldSide:
-    """Metrics and UpstreamMetrics, used as the old forwarder (app.forwarding) does."""
+    """Metrics and UpstreamMetrics, used as the old forwarder (lbstack.forwarding) did."""
 
     def __init__(self, instance: str, gauges: Gauges) -> None:
         self.gauges = gauges
@@ -394,9 +394,9 @@ def test_error_kinds_at_zero_from_the_start() -> None:
 
 
 def test_error_kinds_are_the_old_forwarders() -> None:
-    import app.forwarding  # noqa: PLC0415 - only while the old forwarder exists
+    import lbstack.forwarding  # noqa: PLC0415 - only while the old forwarder exists
 
-    assert getattr(app.forwarding, "ERROR_KINDS", ERROR_KINDS) == ERROR_KINDS
+    assert getattr(lbstack.forwarding, "ERROR_KINDS", ERROR_KINDS) == ERROR_KINDS
 
 
 def test_restricted_registry_filters_by_sample_name() -> None:

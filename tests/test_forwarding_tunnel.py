@@ -1,4 +1,4 @@
-"""The tunnel's WebSocket frame tracking and close frames (``app.forwarding.tunnel``)."""
+"""The tunnel's WebSocket frame tracking and close frames (``lbstack.forwarding.tunnel``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from app.forwarding.tunnel import CLOSE_TO_CLIENT, Frames, close_to_server
+from lbstack.forwarding.tunnel import CLOSE_TO_CLIENT, Frames, close_to_server
 
 
 def frame(payload: bytes, *, masked: bool) -> bytes:

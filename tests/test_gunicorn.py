@@ -1,4 +1,4 @@
-"""app/gunicorn.py and deploy/gunicorn/: a tier run by gunicorn instead of ``lbstack up``.
+"""app/lbstack/gunicorn.py and deploy/gunicorn/: a tier run by gunicorn instead of ``lbstack up``.
 
 The settings (``LBSTACK_*``) are checked in-process; then a real stack provides the
 proxies and servers, and a balancer tier under gunicorn (2 workers, the deploy config
@@ -28,11 +28,11 @@ import aiohttp
 import psutil
 import pytest
 
-from app.address import Address
-from app.client import fetch, fetch_json, probe
-from app.errors import ConfigError
-from app.gunicorn import TierSettings, parse_upstreams
-from app.metrics import parse
+from lbstack.address import Address
+from lbstack.client import fetch, fetch_json, probe
+from lbstack.errors import ConfigError
+from lbstack.gunicorn import TierSettings, parse_upstreams
+from lbstack.metrics import parse
 from tests.harness import Stack, running_stack, short_tmpdir, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_a_balancer_defaults_to_the_stack_proxies_of_its_config(tmp_path: Path) 
         for p in range(3)
     ]
     assert settings.name == "balancer"
-    assert settings.app_uri == "app.gunicorn:balancer_app"
+    assert settings.app_uri == "lbstack.gunicorn:balancer_app"
     assert str(settings.default_bind) == "unix:/run/lbstack/balancer.sock"
     assert str(settings.admin(42)) == "unix:/run/lbstack/balancer-42.admin.sock"
 
@@ -92,7 +92,7 @@ def test_upstreams_name_themselves_or_are_named() -> None:
     settings = _settings(
         LBSTACK_TIER="proxy", LBSTACK_NAME="edge-proxy", LBSTACK_UPSTREAMS="a=unix:/a.sock"
     )
-    assert settings.app_uri == "app.gunicorn:proxy_app"
+    assert settings.app_uri == "lbstack.gunicorn:proxy_app"
     assert settings.name == "edge-proxy"
     assert [u.name for u in settings.upstreams] == ["a"]
 
@@ -169,7 +169,7 @@ async def test_gunicorn_refuses_a_bad_setting_before_any_worker_starts() -> None
 def test_the_gunicorn_config_can_import_the_module_before_prometheus_client() -> None:
     """prometheus_client picks multiprocess mode at import: the arbiter must not import it
     before the config has set PROMETHEUS_MULTIPROC_DIR."""
-    check = "import sys, app.gunicorn; sys.exit('prometheus_client' in sys.modules)"
+    check = "import sys, lbstack.gunicorn; sys.exit('prometheus_client' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], check=False, timeout=60).returncode == 0
 
 

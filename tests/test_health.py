@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from app.address import Address
-from app.config import TierConfig
-from app.health import HealthMonitor
-from app.metrics import Metrics, UpstreamMetrics
-from app.routing.upstream import Upstream
+from lbstack.address import Address
+from lbstack.config import TierConfig
+from lbstack.health import HealthMonitor
+from lbstack.metrics import Metrics, UpstreamMetrics
+from lbstack.routing.upstream import Upstream
 from tests.conftest import FakeClock, UnixServers
 
 WAIT = 10.0  # the longest any single step of a test may take

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app import metric_reference, reference
-from app.config import Config
-from app.router import create_forwarder
+from lbstack import metric_reference, reference
+from lbstack.config import Config
+from lbstack.router import create_forwarder
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -18,7 +18,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 @pytest.mark.parametrize("page", reference.PAGES, ids=lambda page: page.path)
 def test_reference_page_is_current(page: reference.Page) -> None:
     assert page.current(DOCS) == page.render(), (
-        f"docs/{page.path} is stale: run `python -m app.reference` to regenerate it"
+        f"docs/{page.path} is stale: run `python -m lbstack.reference` to regenerate it"
     )
 
 

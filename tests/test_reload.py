@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-from app.address import Address
-from app.client import fetch
+from lbstack.address import Address
+from lbstack.client import fetch
 from tests.harness import Stack, cli, running_stack, steady_load, until
 
 TOPOLOGY = ("--proxies", "2", "--servers-per-proxy", "2")

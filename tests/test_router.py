@@ -15,13 +15,13 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pytest_aiohttp import AiohttpClient
 
-from app.address import Address
-from app.component import ChildSpec, UpstreamSpec
-from app.config import Config, TierConfig
-from app.forwarding import FORWARDER, Forwarder
-from app.metrics import Metrics
-from app.router import create_forwarder, create_router
-from app.routing import POLICIES
+from lbstack.address import Address
+from lbstack.component import ChildSpec, UpstreamSpec
+from lbstack.config import Config, TierConfig
+from lbstack.forwarding import FORWARDER, Forwarder
+from lbstack.metrics import Metrics
+from lbstack.router import create_forwarder, create_router
+from lbstack.routing import POLICIES
 from tests.conftest import SHUTDOWN_TIMEOUT, UnixServers
 
 WAIT = 10.0  # the longest any single step of a test may take

@@ -17,9 +17,9 @@ from typing import get_args
 
 import pytest
 
-from app.address import Address
-from app.config import PolicyName, TierConfig
-from app.routing import (
+from lbstack.address import Address
+from lbstack.config import PolicyName, TierConfig
+from lbstack.routing import (
     POLICIES,
     LeastOutstanding,
     P2CEwma,
@@ -29,8 +29,8 @@ from app.routing import (
     create_policy,
     effective_weight,
 )
-from app.routing.p2c_ewma import HEALTH_FLOOR, LATENCY_FLOOR, PRIOR_LATENCY
-from app.routing.upstream import RAMP_FLOOR
+from lbstack.routing.p2c_ewma import HEALTH_FLOOR, LATENCY_FLOOR, PRIOR_LATENCY
+from lbstack.routing.upstream import RAMP_FLOOR
 from tests.conftest import FakeClock
 
 FAST = 0.005

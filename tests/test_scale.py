@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from app.address import Address
-from app.client import fetch
+from lbstack.address import Address
+from lbstack.client import fetch
 from tests.harness import Stack, cli, running_stack, statuses, steady_load, until
 
 # Quick slow start and checks so a new server takes traffic within a second or two.

@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import scrape
-from app.address import Address
-from app.admin import create_admin_app
-from app.config import TierConfig
-from app.metrics import Metrics, UpstreamMetrics, parse
-from app.routing.upstream import Upstream
-from app.scrape import Report, Scraper
+from lbstack import scrape
+from lbstack.address import Address
+from lbstack.admin import create_admin_app
+from lbstack.config import TierConfig
+from lbstack.metrics import Metrics, UpstreamMetrics, parse
+from lbstack.routing.upstream import Upstream
+from lbstack.scrape import Report, Scraper
 from tests.conftest import FakeClock, UnixServers
 from tests.harness import serving
 

@@ -21,13 +21,13 @@ from aiohttp.test_utils import BaseTestServer, TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
 
-from app.component import ChildSpec, Component
-from app.config import Simulation, validate
-from app.errors import StartupError
-from app.httpserver import DataServer
-from app.metrics import parse
-from app.server import CRASH_EXIT_STATUS, WEBSOCKET_MAX_MESSAGE, ExitFn, create
-from app.simulation import Simulator, burn_cpu, sample_latency
+from lbstack.component import ChildSpec, Component
+from lbstack.config import Simulation, validate
+from lbstack.errors import StartupError
+from lbstack.httpserver import DataServer
+from lbstack.metrics import parse
+from lbstack.server import CRASH_EXIT_STATUS, WEBSOCKET_MAX_MESSAGE, ExitFn, create
+from lbstack.simulation import Simulator, burn_cpu, sample_latency
 
 NAME = "server-0-0"
 MiB = 1024 * 1024
@@ -41,7 +41,7 @@ def make_spec(server: dict[str, Any] | None = None, group: int | None = 0) -> Ch
 
 
 class DataTestServer(BaseTestServer):
-    """Serves a component's data plane as app.child does."""
+    """Serves a component's data plane as lbstack.child does."""
 
     def __init__(self, component: Component) -> None:
         super().__init__()

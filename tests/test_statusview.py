@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from app import statusview
-from app.metrics import Metrics, histogram_quantile
-from app.statusview import Load, Reading, load_between, render
+from lbstack import statusview
+from lbstack.metrics import Metrics, histogram_quantile
+from lbstack.statusview import Load, Reading, load_between, render
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:

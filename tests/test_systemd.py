@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from app import config as config_module
-from app.gunicorn import TierSettings
+from lbstack import config as config_module
+from lbstack.gunicorn import TierSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"

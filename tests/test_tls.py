@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from app import config, tls
-from app.address import Address, parse_address
-from app.client import fetch
-from app.config import TLSConfig, UpstreamTLS
-from app.errors import ConfigError
-from app.metrics import parse
+from lbstack import config, tls
+from lbstack.address import Address, parse_address
+from lbstack.client import fetch
+from lbstack.config import TLSConfig, UpstreamTLS
+from lbstack.errors import ConfigError
+from lbstack.metrics import parse
 from tests.certs import CA, Pair
 from tests.harness import Stack, cli, running_stack, short_tmpdir, until
 

@@ -11,7 +11,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from app.metrics import parse
+from lbstack.metrics import parse
 from tests.harness import Stack, cli, running_stack, until
 
 WAIT = 15.0

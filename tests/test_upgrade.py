@@ -16,7 +16,7 @@ from tests.harness import Stack, cli, running_stack, serving, short_tmpdir, stea
 from tests.test_reload import only_200s, pids, served_after
 
 TOPOLOGY = ("--proxies", "2", "--servers-per-proxy", "2")
-SOURCE = Path(__file__).resolve().parent.parent / "app"
+SOURCE = Path(__file__).resolve().parent.parent / "app" / "lbstack"
 
 
 async def _supervisor(stack: Stack) -> dict[str, object]:
@@ -84,11 +84,11 @@ async def test_a_broken_install_is_refused_and_the_stack_runs_on() -> None:
     broken install: the upgrade is refused with the error, nothing changes; once the
     copy is mended the upgrade goes through."""
     code = short_tmpdir()
-    shutil.copytree(SOURCE, code / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SOURCE, code / "lbstack", ignore=shutil.ignore_patterns("__pycache__"))
     async with running_stack(*TOPOLOGY, cwd=code) as stack:
         run_dir = ("--run-dir", str(stack.run_dir))
         before = await pids(stack)
-        child = code / "app" / "child.py"
+        child = code / "lbstack" / "child.py"
         good = child.read_text()
         child.write_text(good + "\ndef broken(:\n")
         out = await cli("upgrade", *run_dir, timeout=60)
@@ -119,7 +119,7 @@ async def test_sighups_during_the_upgrade_are_kept_and_acted_on_after_it() -> No
 
         async def checking() -> bool:  # the new code's check runs: the lock is held
             return any(
-                "app.supervisor.upgrade" in " ".join(p.info["cmdline"] or [])
+                "lbstack.supervisor.upgrade" in " ".join(p.info["cmdline"] or [])
                 for p in psutil.process_iter(["cmdline"])
             )
 

@@ -4,7 +4,7 @@
         gunicorn -c deploy/gunicorn/gunicorn.conf.py
 
 The tier, its config and its upstreams come from the LBSTACK_* variables (see
-app/gunicorn.py and this directory's README); they are validated here, in the arbiter,
+app/lbstack/gunicorn.py and this directory's README); they are validated here, in the arbiter,
 so a bad value stops gunicorn before a worker starts, and on a reload (SIGHUP) a bad
 value is refused and the running settings kept. Command-line flags override what this
 file sets (-b, -w ...).
@@ -15,18 +15,18 @@ import os
 import sys
 from pathlib import Path
 
-from app import gunicorn as lbstack
-from app.errors import LbstackError
+import lbstack.gunicorn as tier
+from lbstack.errors import LbstackError
 
 try:
-    _settings = lbstack.accept_settings()
+    _settings = tier.accept_settings()
 except LbstackError as _error:
     print(f"lbstack: {_error}", file=sys.stderr)
     sys.exit(_error.exit_status)
 
 # Every worker's metrics go to files here and each worker's /metrics sums them.
 # Set before any worker imports prometheus_client, which reads it once, at import.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(lbstack.metrics_dir_default(_settings)))
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(tier.metrics_dir_default(_settings)))
 
 wsgi_app = _settings.app_uri
 worker_class = "aiohttp.worker.GunicornUVLoopWebWorker"
@@ -57,9 +57,9 @@ preload_app = False  # each worker builds its router after the fork
 
 def on_starting(server):
     """Refuse to steal a live socket, and start the metrics from empty files."""
-    from app.address import parse_address  # noqa: PLC0415
-    from app.errors import SocketError  # noqa: PLC0415
-    from app.sockets import clear_stale  # noqa: PLC0415
+    from lbstack.address import parse_address  # noqa: PLC0415
+    from lbstack.errors import SocketError  # noqa: PLC0415
+    from lbstack.sockets import clear_stale  # noqa: PLC0415
 
     # gunicorn unlinks an existing socket file even when a live server owns it.
     for address in server.cfg.bind:
@@ -70,20 +70,20 @@ def on_starting(server):
                 print(f"lbstack: {exc}", file=sys.stderr)
                 sys.exit(1)
     _settings.admin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lbstack.reset_metrics_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    tier.reset_metrics_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
 
 
 def child_exit(server, worker):
     """A worker is gone (in the arbiter): its live gauges leave the sums, its sockets go."""
     from prometheus_client import multiprocess  # noqa: PLC0415
 
-    from app.sockets import unlink  # noqa: PLC0415
+    from lbstack.sockets import unlink  # noqa: PLC0415
 
     multiprocess.mark_process_dead(worker.pid)
     unlink(_settings.admin(worker.pid))  # left behind when the worker was killed
-    lbstack.repoint_alias(_settings, worker.pid, list(server.WORKERS))
+    tier.repoint_alias(_settings, worker.pid, list(server.WORKERS))
 
 
 def on_exit(server):
     """gunicorn stops: the tier's admin alias goes with its last worker."""
-    lbstack.remove_alias(_settings)
+    tier.remove_alias(_settings)

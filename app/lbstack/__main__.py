@@ -1,0 +1,3 @@
+from lbstack.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""The admin plane every child serves on its admin socket.
+
+``GET /metrics``, ``/healthz``, ``/readyz`` and ``/status`` are a contract; roles add
+their own mutating routes (POST/PUT) to the app this returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lbstack.httpserver import DataPlane
+from lbstack.metrics import ComponentMetrics
+
+# The data plane serving beside this admin app, when there is one: a draining data
+# plane is not ready, so the routers in front stop sending it requests.
+DATA_SERVER = web.AppKey("data_server", DataPlane)
+# The component's metrics, for roles that add series of their own.
+METRICS = web.AppKey("metrics", ComponentMetrics)
+# On a draining /readyz: the router in front takes us out at once, without waiting for
+# ``health.fall`` failed checks (as Envoy's x-envoy-immediate-health-check-fail).
+DRAINING_HEADER = "X-Lbstack-Draining"
+
+StatusFn = Callable[[], dict[str, Any]]
+ReadyFn = Callable[[], bool]
+
+
+def create_admin_app(
+    metrics: ComponentMetrics, status: StatusFn, ready: ReadyFn
+) -> web.Application:
+    """An admin app over one component's metrics, status and readiness."""
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        # ?name[]=... renders only those series (as prometheus_client's own exporter
+        # does): the routers' scrapes ask for the few they read, a fraction of the cost.
+        names = request.query.getall("name[]", None)
+        registry = metrics.registry.restricted_registry(names) if names else metrics.registry
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "instance": metrics.instance})
+
+    async def readyz(request: web.Request) -> web.Response:
+        data = request.app.get(DATA_SERVER)
+        if data is not None and data.draining:
+            return web.json_response(
+                {"status": "draining", "instance": metrics.instance},
+                status=503,
+                headers={DRAINING_HEADER: "1"},
+            )
+        if ready():
+            return web.json_response({"status": "ready", "instance": metrics.instance})
+        return web.json_response({"status": "not ready", "instance": metrics.instance}, status=503)
+
+    async def get_status(request: web.Request) -> web.Response:
+        return web.json_response({"name": metrics.instance, "role": metrics.role, **status()})
+
+    app = web.Application()
+    app[METRICS] = metrics
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", get_status)
+    return app
