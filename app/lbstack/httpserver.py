@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from lbstack import aio
 from lbstack.log import get_logger
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -90,10 +91,10 @@ class _Request(web.BaseRequest):
 
     @property
     def keep_alive(self) -> bool:
-        if self._message.should_close:
+        if aio.asks_to_close(self):
             return False
-        manager = None if self._protocol is None else self._protocol._manager
-        return not (isinstance(manager, DataServer) and manager.draining)
+        server = aio.server_of(self)
+        return not (isinstance(server, DataServer) and server.draining)
 
 
 class DataServer(DataPlane):
@@ -139,7 +140,7 @@ class DataServer(DataPlane):
     @property
     def busy(self) -> int:
         """Connections with a request in progress."""
-        return sum(1 for c in self.connections if c._request_in_progress)
+        return sum(1 for c in self.connections if aio.handling(c))
 
 
 def server_options(

@@ -11,7 +11,8 @@ Read it in this order:
 * ``upstreams``: the upstream set, each one's pool, and runtime changes;
 * ``headers``: request and response heads, pure functions on bytes;
 * ``stats``: plain per-request counters, turned into metrics at scrape time;
-* ``aio``: every use of aiohttp below its public API, each pinned by a test.
+* ``lbstack.aio`` (beside this package): every use of aiohttp below its public API,
+  each pinned by a test.
 """
 
 from lbstack.forwarding.forwarder import FORWARDER, Forwarder

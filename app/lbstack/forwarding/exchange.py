@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from lbstack.forwarding import aio
+from lbstack import aio
 from lbstack.forwarding.headers import request_bytes, response_head, upgrade_lines
 from lbstack.forwarding.relay import Relay
 from lbstack.forwarding.state import CLIENT_GONE, WAIT_HEADERS, BodyFailed, Exchange

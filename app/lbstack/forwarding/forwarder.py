@@ -24,10 +24,10 @@ from typing import Any, Final
 from aiohttp import web
 from yarl import URL
 
+from lbstack import aio
 from lbstack.accesslog import AccessLog
 from lbstack.component import UpstreamSpec
 from lbstack.config import TierConfig
-from lbstack.forwarding import aio
 from lbstack.forwarding.admission import Admission
 from lbstack.forwarding.exchange import UNREACHED_HEADER, Exchanger
 from lbstack.forwarding.front import FrontConnection, FrontServer

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
-from lbstack.forwarding import aio
+from lbstack import aio
 from lbstack.forwarding.headers import error_response
 from lbstack.httpserver import DataPlane
 from lbstack.log import get_logger

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from lbstack.forwarding import aio
+from lbstack import aio
 from lbstack.forwarding.headers import (
     CHUNKED,
     CLOSE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
-from lbstack.forwarding import aio
+from lbstack import aio
 from lbstack.forwarding.headers import RequestHead
 
 if TYPE_CHECKING:

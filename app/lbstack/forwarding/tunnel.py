@@ -21,7 +21,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Any, Final
 
-from lbstack.forwarding import aio
+from lbstack import aio
 from lbstack.forwarding.state import TUNNEL, Exchange
 from lbstack.log import get_logger
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from lbstack.aio import Pool
 from lbstack.client import cancel
 from lbstack.component import UpstreamSpec
 from lbstack.config import TierConfig
-from lbstack.forwarding.aio import Pool
 from lbstack.forwarding.stats import UpstreamStats
 from lbstack.health import HealthMonitor
 from lbstack.log import get_logger

@@ -3,7 +3,7 @@
 The data plane stays on aiohttp's pieces — its C HTTP parsers on both sides and its
 connector pools (limits, keep-alive expiry) — but writes and reads bytes below them,
 which halves a hop's CPU (see the design's measured breakdown). Each use is named
-here and pinned by ``tests/test_forwarding_aio.py``, which fails on an aiohttp that
+here and pinned by ``tests/test_aio.py``, which fails on an aiohttp that
 changed it:
 
 1. ``aiohttp._http_parser.HttpRequestParser``: the C request parser, fed by our own
@@ -28,6 +28,9 @@ changed it:
    to our reader as they come (``read_raw``), as aiohttp's WebSocket client does it.
 6. Connector pool state, to drain and recycle a pool: ``_force_close`` (keep nothing
    alive), ``_conns`` (idle connections), ``_acquired`` and ``_waiters`` (busy).
+7. For the simulated server's ``DataServer`` (aiohttp's own request handler): a
+   request's ``_message.should_close`` and its protocol's ``_manager`` (its server,
+   which may be draining), and a handler's ``_request_in_progress``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ssl import SSLContext
 from typing import Any, Final, Protocol
 
 import aiohttp
-from aiohttp import ClientTimeout, http_parser
+from aiohttp import ClientTimeout, http_parser, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
@@ -46,7 +49,7 @@ from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion11 as HTTP11
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
 from lbstack.address import Address
@@ -229,6 +232,22 @@ def read_raw(protocol: ResponseHandler, reader: RawReader) -> None:
     which first hands over what came after the 101's head.
     """
     protocol.set_parser(reader, None)
+
+
+def asks_to_close(request: web.BaseRequest) -> bool:
+    """Whether the client said ``Connection: close`` (or spoke HTTP/1.0 without keep-alive)."""
+    return bool(request._message.should_close)
+
+
+def server_of(request: web.BaseRequest) -> web.Server | None:
+    """The ``web.Server`` whose connection ``request`` came on (None once it is gone)."""
+    protocol = request._protocol
+    return None if protocol is None else protocol._manager
+
+
+def handling(handler: RequestHandler) -> bool:
+    """Whether aiohttp's request handler is in the middle of a request."""
+    return bool(handler._request_in_progress)
 
 
 def protocol_of(conn: Connection) -> ResponseHandler:

@@ -1,4 +1,4 @@
-"""Contract tests: each use of aiohttp below its public API that ``lbstack.forwarding.aio`` makes.
+"""Contract tests: each use of aiohttp below its public API that ``lbstack.aio`` makes.
 
 Each test pins one behaviour the data plane relies on, so that an aiohttp that changed
 it fails here, by name, instead of somewhere in the middle of a forwarded request.
@@ -15,8 +15,8 @@ from aiohttp import http_parser, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
 
+from lbstack import aio
 from lbstack.address import Address
-from lbstack.forwarding import aio
 from tests.conftest import UnixServers
 
 REQUEST = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Role: adm\xffin\r\n\r\n"
@@ -172,3 +172,27 @@ async def test_read_raw_takes_an_upgraded_connections_bytes(unix_servers: UnixSe
         conn.close()
     finally:
         await pool.close()
+
+
+async def test_what_the_data_server_reads_of_aiohttps_request_handler(
+    unix_servers: UnixServers,
+) -> None:
+    seen: dict[str, object] = {}
+    server: list[web.Server] = []
+
+    async def look(request: web.BaseRequest) -> web.StreamResponse:
+        seen["close"] = aio.asks_to_close(request)
+        seen["server"] = aio.server_of(request)
+        seen["busy"] = [aio.handling(c) for c in server[0].connections]
+        return web.Response(text="ok")
+
+    low = web.Server(look)
+    server.append(low)
+    address = await unix_servers.serve_server(low, "look")
+    connector = aiohttp.UnixConnector(path=address.path)
+    async with (
+        aiohttp.ClientSession(connector=connector) as client,
+        client.get("http://x/", headers={"Connection": "close"}) as response,
+    ):
+        assert response.status == 200
+    assert seen == {"close": True, "server": low, "busy": [True]}
