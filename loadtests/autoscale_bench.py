@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests import options
+from loadtests.options import run_main
 from loadtests.topology import LbstackStack, TopologyError, make_workdir, remove_workdir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -623,12 +624,7 @@ async def amain(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(argv)
-    try:
-        status = asyncio.run(amain(options))
-    except KeyboardInterrupt:
-        status = 130
-    sys.exit(status)
+    run_main(amain(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.keepalive_clients import KeepAliveClients, Phase
-from loadtests.options import positive_int, summarize
+from loadtests.options import positive_int, run_main, summarize
 from loadtests.procstats import (
     FdLimit,
     Proc,
@@ -1225,14 +1225,7 @@ async def amain(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(argv)
-    try:
-        status = asyncio.run(amain(options))
-    except KeyboardInterrupt:
-        status = 130
-    except asyncio.CancelledError:  # SIGTERM
-        status = 143
-    sys.exit(status)
+    run_main(amain(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from rich.table import Table
 
 from loadtests.bench import SLOW_START_S, stack_config
 from loadtests.loadgen import DEFAULT_CONNECTIONS, DEFAULT_GRACE, Result
-from loadtests.options import positive_int, seconds, summarize
+from loadtests.options import positive_int, run_main, seconds, summarize
 from loadtests.topology import (
     HaproxyTopology,
     LbstackStack,
@@ -577,14 +577,7 @@ async def amain(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(argv)
-    try:
-        status = asyncio.run(amain(options))
-    except KeyboardInterrupt:
-        status = 130
-    except asyncio.CancelledError:  # SIGTERM
-        status = 143
-    sys.exit(status)
+    run_main(amain(parse_args(argv)))
 
 
 if __name__ == "__main__":

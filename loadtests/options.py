@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -29,3 +33,14 @@ def summarize(error: str) -> str:
         if re.match(r"^[\w.]+(Error|Exception): ", line):
             return f"{lines[0][:100]} ... {line[:160]}"
     return lines[0][:200] if lines else "unknown error"
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> NoReturn:
+    """Run a benchmark's ``amain`` and exit with its status (130 on Ctrl-C, 143 on SIGTERM)."""
+    try:
+        status = asyncio.run(main)
+    except KeyboardInterrupt:
+        status = 130
+    except asyncio.CancelledError:  # SIGTERM
+        status = 143
+    sys.exit(status)

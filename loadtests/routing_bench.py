@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lbstack.config import PolicyName
-from loadtests.options import positive_int, seconds, summarize
+from loadtests.options import positive_int, run_main, seconds, summarize
 from loadtests.topology import (
     NGINX_METHODS,
     LbstackStack,
@@ -620,12 +620,7 @@ async def amain(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(argv)
-    try:
-        status = asyncio.run(amain(options))
-    except KeyboardInterrupt:
-        status = 130
-    sys.exit(status)
+    run_main(amain(parse_args(argv)))
 
 
 if __name__ == "__main__":

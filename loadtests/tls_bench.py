@@ -12,7 +12,6 @@ Run it from the project root: ``.venv/bin/python -m loadtests.tls_bench``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from loadtests.bench import stack_config
-from loadtests.options import positive_int
+from loadtests.options import positive_int, run_main
 from loadtests.topology import LbstackStack, NginxTopology, make_workdir, remove_workdir
 from loadtests.wrk import find_wrk, run_wrk
 
@@ -109,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=positive_int, default=10, help="s per run (10)")
     parser.add_argument("--rounds", type=positive_int, default=2, help="rounds (2)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results JSON")
-    sys.exit(asyncio.run(amain(parser.parse_args(argv))))
+    run_main(amain(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

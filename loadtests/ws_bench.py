@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.bench import stack_config
-from loadtests.options import positive_int
+from loadtests.options import positive_int, run_main
 from loadtests.topology import LbstackStack, make_workdir, remove_workdir
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "ws.json"
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=positive_int, default=128, help="message bytes (128)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds per path (3)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results JSON")
-    sys.exit(asyncio.run(amain(parser.parse_args(argv))))
+    run_main(amain(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

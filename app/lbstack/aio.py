@@ -106,13 +106,15 @@ async def drain(protocol: BaseProtocol) -> None:
 
 
 def hold_reading(protocol: BaseProtocol) -> None:
-    """Stop reading the transport: too many requests are queued."""
-    protocol._pause_reading_for_buffer()
+    """Stop reading the transport (requests queued, bytes held, a tunnel's far side full)."""
+    if not protocol._buffer_paused:
+        protocol._pause_reading_for_buffer()
 
 
 def release_reading(protocol: BaseProtocol) -> None:
     """Read again, unless body flow control still holds the transport."""
-    protocol._resume_reading_for_buffer()
+    if protocol._buffer_paused:
+        protocol._resume_reading_for_buffer()
 
 
 def reading_held(protocol: BaseProtocol) -> bool:

@@ -99,14 +99,13 @@ class Exchanger:
         self._first_byte = tier.timeouts.first_byte
         self._idle = tier.timeouts.idle
         self._per_try = tier.timeouts.per_try
-        self._max_body = tier.limits.max_body_size
         retries = tier.retries
         self._attempts = retries.attempts
         self._reached_attempts = retries.reached_attempts
         self._retry_statuses = frozenset(retries.statuses)
         self._relay = Relay(forwarder)
 
-    async def forward(self, ex: Exchange, target: bytes) -> tuple[int, bool]:
+    async def forward(self, ex: Exchange) -> tuple[int, bool]:
         """Send ``ex`` upstream until an answer can be relayed; relay it."""
         fw = self.fw
         admission = fw.admission
@@ -136,7 +135,7 @@ class Exchanger:
             upstream.requests += 1
             ex.attempts += 1
             try:
-                out = await self._try(ex, link, target, per_try)
+                out = await self._try(ex, link, per_try)
             except asyncio.CancelledError:
                 admission.release(upstream)
                 failure = ex.absorb()
@@ -288,7 +287,7 @@ class Exchanger:
             return None
         return nxt
 
-    async def _try(self, ex: Exchange, link: Link, target: bytes, per_try: float) -> Outcome:
+    async def _try(self, ex: Exchange, link: Link, per_try: float) -> Outcome:
         """One try through ``link``: request out, response head in."""
         pool = link.pool
         if pool is None:
@@ -317,7 +316,7 @@ class Exchanger:
             transport.write(
                 request_bytes(
                     message.method.encode(),
-                    target,
+                    ex.target,
                     ex.head,
                     link.host,
                     close=not pool.pooling,

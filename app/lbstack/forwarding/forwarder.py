@@ -116,6 +116,7 @@ class Forwarder:
                 timeouts.idle,
                 timeouts.client_keepalive,
                 timeouts.per_try,
+                self.tier.tunnels.idle_timeout,
             )
             if t > 0
         )
@@ -198,7 +199,7 @@ class Forwarder:
             conn.exchange = exchange
             self.in_flight += 1
             try:
-                status, keep = await self._exchanger.forward(exchange, exchange.target)
+                status, keep = await self._exchanger.forward(exchange)
             finally:
                 self.in_flight -= 1
                 conn.exchange = None

@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from lbstack import aio
 from lbstack.forwarding.headers import error_response
-from lbstack.httpserver import DataPlane
+from lbstack.httpserver import DataPlane, error_status
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
@@ -56,12 +56,14 @@ Handler = Callable[["FrontConnection", aio.RawRequestMessage, aio.StreamReader],
 
 
 def parse_error_status(exc: HttpProcessingError, data: bytes) -> int:
-    """The status a request the parser refused deserves."""
-    if isinstance(exc, LineTooLong):
-        return 414 if _in_request_line(exc, data) else 431
-    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message):
-        return 431
-    return 505 if _unsupported_version(data) else 400
+    """The status a request the parser refused deserves: ``error_status``'s 431s, and
+    414 for a request line, 505 for a version we don't speak."""
+    if isinstance(exc, LineTooLong) and _in_request_line(exc, data):
+        return 414
+    status = error_status(exc, 400)
+    if status == 400 and _unsupported_version(data):
+        return 505
+    return status
 
 
 def _in_request_line(exc: LineTooLong, data: bytes) -> bool:
@@ -230,7 +232,7 @@ class FrontConnection(aio.BaseProtocol):
             return
         if self._held is not None:  # after an upgrade request, until it is answered
             self._held += data
-            if len(self._held) >= aio.READ_BUFSIZE and not aio.reading_held(self):
+            if len(self._held) >= aio.READ_BUFSIZE:
                 aio.hold_reading(self)
             return
         if self._refused:
@@ -261,7 +263,7 @@ class FrontConnection(aio.BaseProtocol):
                     self.parser.set_upgraded(False)
                     self.data_received(rest)
             self._wake()
-            if len(queue) >= aio.MAX_PIPELINED and not aio.reading_held(self):
+            if len(queue) >= aio.MAX_PIPELINED:
                 aio.hold_reading(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -344,7 +346,7 @@ class FrontConnection(aio.BaseProtocol):
         """An upgrade that was not tunnelled: what followed it is HTTP after all."""
         held, self._held = self._held, None
         self.parser.set_upgraded(False)
-        if aio.reading_held(self) and len(self.queue) < aio.MAX_PIPELINED:
+        if len(self.queue) < aio.MAX_PIPELINED:
             aio.release_reading(self)
         if held:
             self.data_received(bytes(held))
@@ -353,8 +355,7 @@ class FrontConnection(aio.BaseProtocol):
         """From now on every byte goes to ``tunnel``; returns what came before."""
         self._tunnel = tunnel
         held, self._held = self._held or b"", None
-        if aio.reading_held(self):
-            aio.release_reading(self)
+        aio.release_reading(self)
         return bytes(held)
 
     def end_tunnel(self) -> None:
@@ -370,12 +371,10 @@ class FrontConnection(aio.BaseProtocol):
         return self._tunnel
 
     def pause_reading_for_tunnel(self) -> None:
-        if not aio.reading_held(self):
-            aio.hold_reading(self)
+        aio.hold_reading(self)
 
     def resume_reading_for_tunnel(self) -> None:
-        if aio.reading_held(self):
-            aio.release_reading(self)
+        aio.release_reading(self)
 
     def resume_writing(self) -> None:
         super().resume_writing()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from lbstack import aio
 from lbstack.forwarding.state import TUNNEL, Exchange
@@ -121,7 +121,6 @@ class Tunnel:
         self._wake: asyncio.Future[None] = fw.loop.create_future()
         self._ended = ""
         self._bytes = fw.stats.tunnel_bytes
-        self.bytes_up = self.bytes_down = 0
 
     async def run(self) -> None:
         """Carry bytes until either side closes (or the exchange is expired)."""
@@ -167,7 +166,6 @@ class Tunnel:
         if transport is None:
             self.finish("the upstream went away")
             return
-        self.bytes_up += len(data)
         self._bytes["up"] += len(data)
         self.ex.deadline = self._time() + self._idle
         if self._frames is not None:
@@ -180,7 +178,6 @@ class Tunnel:
     def down(self, data: bytes) -> None:
         """Upstream bytes, to the client."""
         client = self.ex.conn
-        self.bytes_down += len(data)
         self._bytes["down"] += len(data)
         self.ex.deadline = self._time() + self._idle
         if self._frames is not None:
@@ -215,6 +212,3 @@ class Tunnel:
             if transport is not None:
                 transport.write(close_to_server())
         self.finish(why)
-
-    def view(self) -> dict[str, Any]:
-        return {"upstream": self.link.upstream.name, "up": self.bytes_up, "down": self.bytes_down}
