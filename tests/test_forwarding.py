@@ -20,14 +20,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from lbstack import balancer, proxy
 from lbstack.address import Address
 from lbstack.component import ChildSpec, UpstreamSpec
 from lbstack.config import Config, Limits, TierConfig, Timeouts
 from lbstack.forwarding import FORWARDER, Forwarder
 from lbstack.forwarding.front import FrontServer
 from lbstack.metrics import ComponentMetrics
-from lbstack.router import create_forwarder
+from lbstack.tiers import balancer, proxy
+from lbstack.tiers.router import create_forwarder
 from tests.conftest import UnixServers
 
 MiB = 1024 * 1024

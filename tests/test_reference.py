@@ -10,7 +10,7 @@ import pytest
 
 from lbstack import metric_reference, reference
 from lbstack.config import Config
-from lbstack.router import create_forwarder
+from lbstack.tiers.router import create_forwarder
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -20,8 +20,8 @@ from lbstack.component import ChildSpec, UpstreamSpec
 from lbstack.config import Config, TierConfig
 from lbstack.forwarding import FORWARDER, Forwarder
 from lbstack.metrics import Metrics
-from lbstack.router import create_forwarder, create_router
 from lbstack.routing import POLICIES
+from lbstack.tiers.router import create_forwarder, create_router
 from tests.conftest import SHUTDOWN_TIMEOUT, UnixServers
 
 WAIT = 10.0  # the longest any single step of a test may take

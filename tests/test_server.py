@@ -26,8 +26,8 @@ from lbstack.config import Simulation, validate
 from lbstack.errors import StartupError
 from lbstack.httpserver import DataServer
 from lbstack.metrics import parse
-from lbstack.server import CRASH_EXIT_STATUS, WEBSOCKET_MAX_MESSAGE, ExitFn, create
 from lbstack.simulation import Simulator, burn_cpu, sample_latency
+from lbstack.tiers.server import CRASH_EXIT_STATUS, WEBSOCKET_MAX_MESSAGE, ExitFn, create
 
 NAME = "server-0-0"
 MiB = 1024 * 1024
@@ -41,7 +41,7 @@ def make_spec(server: dict[str, Any] | None = None, group: int | None = 0) -> Ch
 
 
 class DataTestServer(BaseTestServer):
-    """Serves a component's data plane as lbstack.child does."""
+    """Serves a component's data plane as lbstack.worker does."""
 
     def __init__(self, component: Component) -> None:
         super().__init__()

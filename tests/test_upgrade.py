@@ -88,7 +88,7 @@ async def test_a_broken_install_is_refused_and_the_stack_runs_on() -> None:
     async with running_stack(*TOPOLOGY, cwd=code) as stack:
         run_dir = ("--run-dir", str(stack.run_dir))
         before = await pids(stack)
-        child = code / "lbstack" / "child.py"
+        child = code / "lbstack" / "worker.py"
         good = child.read_text()
         child.write_text(good + "\ndef broken(:\n")
         out = await cli("upgrade", *run_dir, timeout=60)

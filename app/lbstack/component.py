@@ -2,7 +2,7 @@
 
 This is the whole interface between the supervisor and the data plane: the supervisor
 builds a ``ChildSpec``, passes it in the environment with the listening sockets as
-inherited file descriptors, and ``python -m lbstack.child`` turns it into a running
+inherited file descriptors, and ``python -m lbstack.worker`` turns it into a running
 balancer, proxy or server.
 """
 

@@ -322,7 +322,7 @@ class TierRunner(web.AppRunner):
     The worker serves ``self.server`` on gunicorn's listening sockets. The runner's
     app is the component's admin app, whose startup and cleanup open and close the
     router's resources; it is served on the worker's own admin socket, and outlives
-    the data plane on the way down, as in ``lbstack.child``.
+    the data plane on the way down, as in ``lbstack.worker``.
     """
 
     def __init__(self, settings: TierSettings, component: Component) -> None:
@@ -367,7 +367,7 @@ class TierRunner(web.AppRunner):
         return data
 
     async def cleanup(self) -> None:
-        """Drain as ``lbstack.child.drain`` does, then aiohttp's shutdown and the admin's."""
+        """Drain as ``lbstack.worker.drain`` does, then aiohttp's shutdown and the admin's."""
         data = self._data
         if data is not None:
             window = self._settings.config.supervisor.drain_window
@@ -408,7 +408,7 @@ async def _sample_forever() -> None:
 
 def create_runner(tier: Tier) -> TierRunner:
     """The runner of ``tier``, from the environment; a bad setting raises ConfigError."""
-    from lbstack.router import create_router  # noqa: PLC0415 - see the note on imports
+    from lbstack.tiers.router import create_router  # noqa: PLC0415 - see the note on imports
 
     settings = _accepted[-1] if _accepted else TierSettings.from_env()
     if settings.tier != tier:

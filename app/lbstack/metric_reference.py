@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 
 from lbstack.address import parse_address
 from lbstack.config import Config
-from lbstack.exchange import Exchange
 from lbstack.forwarding.stats import ForwardingCollector, TierStats, UpstreamStats
 from lbstack.metrics import (
     LATENCY_BUCKETS,
@@ -27,6 +26,7 @@ from lbstack.metrics import (
     Metrics,
     RouterMetrics,
 )
+from lbstack.peering import Peering
 from lbstack.routing.upstream import Upstream
 from lbstack.supervisor.telemetry import SupervisorMetrics
 
@@ -55,7 +55,7 @@ class Family:
 
 
 def _router(role: str, name: str, upstream: str) -> ComponentMetrics:
-    """A router's registry as ``lbstack.router.create_forwarder`` fills it."""
+    """A router's registry as ``lbstack.tiers.router.create_forwarder`` fills it."""
     metrics = ComponentMetrics(role, name)
     router = RouterMetrics(metrics)
     router.ejections.labels(*router.labels(upstream))
@@ -78,13 +78,13 @@ def _router(role: str, name: str, upstream: str) -> ComponentMetrics:
 
 
 def _balancer() -> CollectorRegistry:
-    """A balancer with a peer (``lbstack.router._exchange``) and an https listener
-    (``lbstack.balancer.create``)."""
+    """A balancer with a peer (``lbstack.tiers.router._exchange``) and an https listener
+    (``lbstack.tiers.balancer.create``)."""
     metrics = _router("balancer", "balancer-0", "proxy-0")
     config = Config().balancer
     upstream = Upstream("proxy-0", parse_address("unix:/run/lbstack/proxy-0.sock"))
     peer = parse_address("unix:/run/lbstack/balancer-1.admin.sock")
-    Exchange([peer], lambda: [upstream], config.exchange, metrics).fold()
+    Peering([peer], lambda: [upstream], config.exchange, metrics).fold()
     metrics.registry.register(
         CertificateCollector("balancer", "balancer-0", lambda: [("/etc/lbstack/tls/site.pem", 0.0)])
     )
@@ -92,7 +92,7 @@ def _balancer() -> CollectorRegistry:
 
 
 def _server() -> CollectorRegistry:
-    """A simulated server's registry (``lbstack.server.create``)."""
+    """A simulated server's registry (``lbstack.tiers.server.create``)."""
     metrics = Metrics("server", "server-0-0")
     metrics.count(200)
     return metrics.registry

@@ -36,7 +36,7 @@ The cost of upstream ``u`` at time ``now``::
   ``max(PENALTY_MIN, PENALTY_FACTOR × estimate)`` (at most ``PENALTY_MAX`` unless
   already above it) and then decays like any estimate, so an upstream failing fast
   looks slow, not attractive, and is probed again later at growing intervals.
-* **Peers** (balancers only, ``lbstack.exchange``): ``peer_in_flight`` is what the other
+* **Peers** (balancers only, ``lbstack.peering``): ``peer_in_flight`` is what the other
   balancers have in flight to the upstream, so N balancers see the same load and don't
   all pile onto the one that looks idle from each of them alone. A peer exports only
   its own count, never what it learnt from others, and the upstream's own report

@@ -22,7 +22,7 @@ class Upstream:
     * the metrics scraper: the ``reported_*`` fields, what the upstream says of its own
       load, stamped with ``reported_at`` so that stale figures age out;
     * the control API: ``weight`` and ``draining``;
-    * the balancers' load exchange (``lbstack.exchange``): the ``peer_*`` fields, what the
+    * the balancers' load exchange (``lbstack.peering``): the ``peer_*`` fields, what the
       other balancers have in flight to this upstream, already faded by the age of
       their views, so a pick reads them as they are.
 

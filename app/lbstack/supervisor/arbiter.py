@@ -272,7 +272,7 @@ class Supervisor:
         admin: Address | None = None,
         peers: Callable[[], tuple[Address, ...]] = tuple,
     ) -> Child:
-        """A child running our own code (``python -m lbstack.child``) on bound sockets.
+        """A child running our own code (``python -m lbstack.worker``) on bound sockets.
 
         Its admin socket is ``admin`` (default: its own name's); every (re)start
         inherits whatever socket ``child.admin`` names then, which a handover changes.

@@ -354,4 +354,4 @@ def _describe_exit(returncode: int) -> str:
 
 def python_argv() -> list[str]:
     """The command line that runs a built-in child (balancer, proxy, simulated server)."""
-    return [sys.executable, "-m", "lbstack.child"]
+    return [sys.executable, "-m", "lbstack.worker"]

@@ -8,7 +8,7 @@ A child is replaced in one of two ways, and neither fails a client request:
   else happens. It then takes over the admin path (an atomic rename), and the old
   process gets SIGTERM and drains: it stops accepting (connections not yet accepted
   are the successor's), says ``Connection: close`` on every response, and keeps idle
-  connections open for ``drain_window`` (see ``app/lbstack/child.py``). Once it reports
+  connections open for ``drain_window`` (see ``app/lbstack/worker.py``). Once it reports
   draining, the routers in front of it recycle their pools: they close their idle
   connections to it themselves (a close we make can't race a request of ours), and
   every new connection reaches the successor.
@@ -24,7 +24,7 @@ invalid config is refused with its error: either way nothing changes.
 
 Certificates are reloaded in process, not by replacing balancers: with https
 listeners, every reload first has each balancer read its certificates again
-(``POST /tls/reload`` with the new ``[tls]``, see ``app/lbstack/balancer.py``). New handshakes
+(``POST /tls/reload`` with the new ``[tls]``, see ``app/lbstack/tiers/balancer.py``). New handshakes
 get the certificates as the files are now; established connections keep going.
 Validating the config checked those files already; should a balancer still fail to
 load them, it keeps its own and the reload is rolled back.
@@ -57,7 +57,7 @@ FIXED = ("run_dir", "listen", "metrics_listen", "proxies")
 ROLE_ORDER = {"server": 0, "proxy": 1, "balancer": 2}
 DRAINING_TIMEOUT = 5.0
 DRAINING_POLL = 0.02
-TLS_RELOAD = "/tls/reload"  # a balancer's (app/lbstack/balancer.py)
+TLS_RELOAD = "/tls/reload"  # a balancer's (app/lbstack/tiers/balancer.py)
 
 
 class Reloader:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
@@ -169,15 +170,18 @@ def take_state() -> Resume | None:
         state.unlink(missing_ok=True)
 
 
+# What the new image and its children import: the check imports them all.
+NEW_IMAGE_IMPORTS = ("lbstack.cli", "lbstack.supervisor.arbiter", "lbstack.worker")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``--check STATE``: can this code take over from that state? Exit 0 if so."""
     parser = argparse.ArgumentParser(prog="python -m lbstack.supervisor.upgrade")
     parser.add_argument("--check", type=Path, required=True, metavar="STATE")
     args = parser.parse_args(argv)
     try:
-        import lbstack.child  # noqa: PLC0415  what the new image and children import
-        import lbstack.cli  # noqa: PLC0415
-        import lbstack.supervisor.arbiter  # noqa: F401, PLC0415
+        for module in NEW_IMAGE_IMPORTS:
+            importlib.import_module(module)
 
         Resume.model_validate_json(args.check.read_text())
     except Exception as exc:  # what the new image would fail on, in a line

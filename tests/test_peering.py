@@ -30,11 +30,11 @@ from lbstack.address import Address
 from lbstack.component import ChildSpec, UpstreamSpec
 from lbstack.config import BalancerConfig, Config, ExchangeConfig, TierConfig, load
 from lbstack.errors import ConfigError
-from lbstack.exchange import Exchange, LoadView, PeerView, ViewError, peer_label
 from lbstack.metrics import Metrics, parse
-from lbstack.router import create_router
+from lbstack.peering import LoadView, Peering, PeerView, ViewError, peer_label
 from lbstack.routing import Policy, Upstream, create_policy
 from lbstack.statusview import render_router
+from lbstack.tiers.router import create_router
 from tests.conftest import FakeClock, UnixServers
 from tests.harness import Stack, running_stack, until
 
@@ -53,7 +53,7 @@ class Balancer:
         self.policy: Policy = create_policy(
             policy, self.upstreams, random.Random(seed), tier=tier, clock=clock
         )
-        self.exchange = Exchange(
+        self.exchange = Peering(
             [Address.unix(f"/tmp/{'b' if name == 'a' else 'a'}.admin.sock")],
             lambda: self.upstreams,
             SETTINGS,
@@ -357,7 +357,7 @@ async def test_polls_count_failures_log_once_and_recover(
     address = await unix_servers.serve(peer_app.handle, "balancer-1.admin")
     ours = [Upstream(p, Address.unix(f"/tmp/{p}.sock")) for p in PROXIES]
     metrics = Metrics("balancer", "balancer-0")
-    exchange = Exchange([address], lambda: ours, SETTINGS, metrics, clock=clock)
+    exchange = Peering([address], lambda: ours, SETTINGS, metrics, clock=clock)
     peer = exchange.peers[0]
     caplog.set_level(logging.INFO, logger="lbstack")
     try:
@@ -411,7 +411,7 @@ async def test_the_background_loop_polls_every_peer(unix_servers: UnixServers) -
         addresses.append(await unix_servers.serve(views[name].handle, f"{name}.admin"))
     ours = [Upstream(p, Address.unix(f"/tmp/{p}.sock")) for p in PROXIES]
     settings = ExchangeConfig(interval=0.02, timeout=0.5, stale_after=1.0)
-    exchange = Exchange(addresses, lambda: ours, settings, Metrics("balancer", "b0"), clock=clock)
+    exchange = Peering(addresses, lambda: ours, settings, Metrics("balancer", "b0"), clock=clock)
     await exchange.start()
     try:
 

@@ -24,7 +24,7 @@ from lbstack.config import TLSConfig
 from lbstack.errors import ConfigError
 from lbstack.log import get_logger
 from lbstack.metrics import CertificateCollector
-from lbstack.router import create_router
+from lbstack.tiers.router import create_router
 from lbstack.tls import CertificateStore
 
 log = get_logger("tls")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lbstack.component import ChildSpec, Component
-from lbstack.router import create_router
+from lbstack.tiers.router import create_router
 
 
 def create(spec: ChildSpec) -> Component:

@@ -16,7 +16,7 @@ at runtime (JSON in and out; never on the data socket):
 Unknown names answer 404. Errors are ``{"error": "..."}`` (400s add ``"problems"``).
 
 ``GET /load`` is the router's own load, small and cheap, which the other balancers
-poll (``lbstack.exchange``); a balancer with peers also shows them in ``/status``.
+poll (``lbstack.peering``); a balancer with peers also shows them in ``/status``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pydantic import ValidationError
 from lbstack.admin import create_admin_app
 from lbstack.component import ChildSpec, Component, UpstreamSpec
 from lbstack.config import BalancerConfig, TierConfig
-from lbstack.exchange import LOAD_PATH, Exchange, LoadView
 from lbstack.forwarding import (
     FORWARDER,
     Forwarder,
@@ -45,6 +44,7 @@ from lbstack.forwarding.stats import ForwardingCollector
 from lbstack.health import HealthMonitor
 from lbstack.log import get_logger
 from lbstack.metrics import ComponentMetrics, RouterMetrics
+from lbstack.peering import LOAD_PATH, LoadView, Peering
 from lbstack.routing import Upstream
 from lbstack.scrape import Scraper
 
@@ -135,11 +135,11 @@ def create_router(
 
 def _exchange(
     spec: ChildSpec, tier: TierConfig, forwarder: Forwarder, metrics: ComponentMetrics
-) -> Exchange | None:
+) -> Peering | None:
     """The load exchange of a balancer with peers, unless the config turns it off."""
     if not spec.peers or not isinstance(tier, BalancerConfig) or not tier.exchange.enabled:
         return None
-    return Exchange(
+    return Peering(
         spec.peers,
         lambda: forwarder.upstreams,
         tier.exchange,
@@ -148,7 +148,7 @@ def _exchange(
     )
 
 
-def _exchange_ctx(exchange: Exchange) -> Callable[[web.Application], AsyncIterator[None]]:
+def _exchange_ctx(exchange: Peering) -> Callable[[web.Application], AsyncIterator[None]]:
     """The exchange polls while the admin app runs, as the scraper and health checks do."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
@@ -159,7 +159,7 @@ def _exchange_ctx(exchange: Exchange) -> Callable[[web.Application], AsyncIterat
     return ctx
 
 
-def _with_peers(forwarder: Forwarder, exchange: Exchange) -> Callable[[], dict[str, Any]]:
+def _with_peers(forwarder: Forwarder, exchange: Peering) -> Callable[[], dict[str, Any]]:
     """``/status`` with the peers, and each upstream's load as the peers report it."""
 
     def status() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Entry point of every child process: ``python -m lbstack.child``.
+"""Entry point of every child process: ``python -m lbstack.worker``.
 
 Reads the ``ChildSpec`` the supervisor put in the environment, builds the role's
 component, serves its inherited sockets and stops gracefully on SIGTERM. SIGINT is
@@ -18,12 +18,12 @@ from collections.abc import Callable
 import uvloop
 from aiohttp import web
 
-from lbstack import balancer, proxy, server
 from lbstack.admin import DATA_SERVER
 from lbstack.component import ChildSpec, Component, Role
 from lbstack.httpserver import DataPlane
 from lbstack.log import get_logger, setup
 from lbstack.sockets import from_fd
+from lbstack.tiers import balancer, proxy, server
 
 ROLES: dict[Role, Callable[[ChildSpec], Component]] = {
     "balancer": balancer.create,

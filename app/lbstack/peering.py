@@ -17,7 +17,7 @@ router serves its own view on its admin socket, and each balancer polls the othe
 peers, so figures don't echo between balancers. ``seq`` counts the views the process
 has served and ``pid`` names the process: a peer that restarted shows a new pid.
 
-An ``Exchange`` polls each peer every ``interval`` with a ``timeout``, through one
+An ``Peering`` polls each peer every ``interval`` with a ``timeout``, through one
 keep-alive connection per peer, keeps each peer's last view with the time it arrived,
 and folds the fresh ones into the ``Upstream.peer_*`` fields the policies read. A view
 counts fully for half of ``stale_after``, then fades linearly to nothing at
@@ -203,7 +203,7 @@ def peer_label(address: Address) -> str:
     return str(address).removeprefix("tcp://")
 
 
-class Exchange:
+class Peering:
     """Polls the peers' ``/load`` in the background and folds it into ``upstreams()``."""
 
     def __init__(
@@ -462,10 +462,10 @@ class Exchange:
 
 __all__ = [
     "LOAD_PATH",
-    "Exchange",
     "LoadView",
     "Peer",
     "PeerView",
+    "Peering",
     "UpstreamLoad",
     "ViewError",
     "peer_label",

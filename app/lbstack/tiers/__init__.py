@@ -1,0 +1,1 @@
+"""The tiers a child process can run: balancer, proxy (both routers) and server."""
