@@ -1,13 +1,12 @@
-"""Benchmarks of lbstack: programs that print figures, never tests that assert timings.
+"""Benchmarks of lbstack: programs that print figures and write JSON, never timed tests.
 
-``topology`` starts the stacks to compare (lbstack, and nginx over the same servers),
-``wrk`` drives load with wrk, ``procstats`` reads CPU time and memory from /proc,
-``keepalive_clients`` holds many keep-alive client connections open;
-``loadgen`` is the aiohttp load generator (open loop: Poisson arrivals, latency from
-each request's scheduled start; closed loop: N at a time);
-``openloop`` judges routing under open-loop load against nginx and HAProxy
-(``python -m loadtests.openloop``), ``routing_bench`` is the closed-loop routing and
-failover benchmark (``python -m loadtests.routing_bench``), ``floor`` one hop against a
-plain aiohttp forwarder (``python -m loadtests.floor``), and ``bench`` the forwarding
-cost against nginx (``python -m loadtests.bench``).
+What runs is data in ``scenarios`` (topologies, load shapes, faults, and the targets);
+``topology`` starts the systems compared (lbstack through ``lbstack.testing``, nginx and
+HAProxy in its shape over the same servers); the load comes from ``wrk`` (closed loop,
+alternating rounds with CPU per tier) or ``loadgen`` (the aiohttp generator: open and
+closed loop, held connections, WebSocket echoes); ``report`` prints the tables and each
+target's PASS or MISS and writes the JSON. One program per benchmark: ``bench``,
+``openloop``, ``floor``, ``routing_bench``, ``autoscale_bench``, ``change_bench``,
+``ws_bench``, ``tls_bench`` (``python -m loadtests.<name>``); ``locustfile`` drives a
+running stack with Locust.
 """

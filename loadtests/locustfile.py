@@ -29,20 +29,23 @@ made, or a disruption could not be carried out; else 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import random
 import signal
-import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import gevent
+import gevent.lock
 from locust import HttpUser, LoadTestShape, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.clients import ResponseContextManager
@@ -50,18 +53,15 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 from requests_unixsocket import UnixAdapter
 
+from lbstack.api import ComponentStatus
+from lbstack.client import AdminClient, ControlClient
 from lbstack.config import default_run_dir
-
-# Locust loads this file by path: make the repository root importable for `loadtests`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadtests.stack_control import (
-    UNIX_SCHEME,
-    StackControl,
-    StackControlError,
-    unix_url,
-)
+from lbstack.errors import LbstackError
+from lbstack.rundir import RunDir
 
 log = logging.getLogger("lbstack.loadtest")
+T = TypeVar("T")
+UNIX_SCHEME = "http+unix://"
 
 DEFAULT_RUN_TIME = 60  # seconds, when --run-time is not given
 REQUEST_TIMEOUT = 30.0  # seconds, per request
@@ -145,6 +145,43 @@ def add_options(parser: LocustArgumentParser, **_: Any) -> None:
     )
 
 
+class DisruptionError(Exception):
+    """A disruption of the stack could not be carried out."""
+
+
+class StackControl:
+    """The stack's control and admin APIs through lbstack's own clients (the ones
+    ``lbstack.testing`` and the CLI use).
+
+    The clients are asyncio: a greenlet runs each call to the end in an event loop of
+    its own, whose waits gevent makes cooperative; one call at a time, as a thread runs
+    one event loop at a time.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.control = ControlClient(run_dir)
+        self._one_loop = gevent.lock.Semaphore()
+
+    def _call(self, call: Coroutine[Any, Any, T]) -> T:
+        with self._one_loop:
+            try:
+                return asyncio.run(call)
+            except LbstackError as exc:
+                raise DisruptionError(str(exc)) from exc
+
+    def fault(self, server: str, changes: dict[str, Any]) -> None:
+        """POST ``changes`` to a simulated server's ``/fault`` (what ``lbstack fault`` sends)."""
+        self._call(AdminClient(RunDir(self.run_dir).admin(server)).fault(changes))
+
+    def component(self, name: str) -> ComponentStatus:
+        status = self._call(self.control.status())
+        try:
+            return status.component(name)
+        except KeyError:
+            raise DisruptionError(f"no component {name!r} in {self.run_dir}") from None
+
+
 def run_dir(options: argparse.Namespace) -> Path:
     return Path(options.lbstack_run_dir) if options.lbstack_run_dir else default_run_dir()
 
@@ -154,7 +191,7 @@ def balancer_host(options: argparse.Namespace) -> str:
     if options.host:
         return str(options.host)
     socket = options.lbstack_socket or run_dir(options) / "balancer.sock"
-    return unix_url(socket)
+    return f"{UNIX_SCHEME}{quote(str(socket), safe='')}"
 
 
 def run_duration(options: argparse.Namespace) -> float:
@@ -303,7 +340,7 @@ class ScenarioRun:
     def disrupt(self, name: str, action: Callable[[], None]) -> None:
         try:
             action()
-        except StackControlError as exc:
+        except DisruptionError as exc:
             self.problems.append(f"{name}: {exc}")
             log.error("%s failed: %s", name, exc)
 
@@ -314,16 +351,22 @@ class ScenarioRun:
         log.warning("degraded: %s now answers %s late", server, latency)
 
     def kill(self, name: str) -> None:
-        pid = self.control.kill(name)
+        """SIGKILL the child ``name``; it must be ready again, with a new pid, in time."""
+        killed = self.control.component(name)
+        if killed.pid is None or killed.role == "supervisor":
+            raise DisruptionError(f"{name} has no child process to kill: {killed}")
+        try:
+            os.kill(killed.pid, signal.SIGKILL)
+        except ProcessLookupError as exc:
+            raise DisruptionError(f"{name} (pid {killed.pid}) was already gone") from exc
+        log.warning("failover: SIGKILLed %s (pid %d)", name, killed.pid)
         killed_at = time.monotonic()
-        log.warning("failover: SIGKILLed %s (pid %d)", name, pid)
-        component = self.control.wait_replaced(name, pid, RESTART_TIMEOUT)
-        log.warning(
-            "failover: %s ready again as pid %s after %.2f s",
-            name,
-            component.get("pid"),
-            time.monotonic() - killed_at,
-        )
+        while (now := self.control.component(name)).state != "ready" or now.pid == killed.pid:
+            if time.monotonic() - killed_at >= RESTART_TIMEOUT:
+                raise DisruptionError(f"{name} not ready within {RESTART_TIMEOUT:g} s: {now}")
+            gevent.sleep(0.1)  # polling with a deadline
+        took = time.monotonic() - killed_at
+        log.warning("failover: %s ready again as pid %s after %.2f s", name, now.pid, took)
 
     def on_test_stop(self, **_: Any) -> None:
         if self.sigterm is not None:  # Locust's own handler takes over from here
@@ -341,7 +384,6 @@ class ScenarioRun:
 
     def on_quitting(self, environment: Environment, **_: Any) -> None:
         self.on_test_stop()
-        self.control.close()
         failures = self.verdict()
         for failure in failures:
             log.error("run failed: %s", failure)

@@ -1,13 +1,18 @@
-"""What the benchmark programs share on their command lines and in their reports."""
+"""The command line every benchmark shares, and how it runs to an exit status."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
+import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, NoReturn
+
+from loadtests.report import RESULTS, STEP_ERRORS, say, summarize
+from loadtests.scenarios import Scenario
 
 
 def positive_int(text: str) -> int:
@@ -19,28 +24,64 @@ def positive_int(text: str) -> int:
 
 
 def seconds(text: str) -> float:
-    """argparse type: a number of seconds > 0."""
+    """argparse type: a number of seconds ≥ 0."""
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, found {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds ≥ 0, found {text!r}")
     return value
 
 
-def summarize(error: str) -> str:
-    """One line for an error: the exception a log tail ends with, else its first line."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception): ", line):
-            return f"{lines[0][:100]} ... {line[:160]}"
-    return lines[0][:200] if lines else "unknown error"
+def parser(
+    module: str, doc: str | None, results: str, scenario: Scenario | None = None
+) -> argparse.ArgumentParser:
+    """The options every benchmark has, and a scenario's timing when it has one."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m loadtests.{module}", description=(doc or "").split("\n\n")[0]
+    )
+    if scenario is not None:
+        parser.add_argument(
+            "--duration", type=seconds, default=scenario.duration, help="measured s per run"
+        )
+        parser.add_argument("--warmup", type=seconds, default=scenario.warmup, help="s before")
+        parser.add_argument(
+            "--rounds", type=positive_int, default=scenario.rounds, help="rounds per system"
+        )
+    parser.add_argument("--json", type=Path, default=RESULTS / results, help="results JSON")
+    parser.add_argument("--keep", action="store_true", help="keep temp dirs (configs, logs)")
+    return parser
 
 
-def run_main(main: Coroutine[Any, Any, int]) -> NoReturn:
-    """Run a benchmark's ``amain`` and exit with its status (130 on Ctrl-C, 143 on SIGTERM)."""
+def timed(scenario: Scenario, args: argparse.Namespace) -> Scenario:
+    """``scenario`` with the command line's duration, warm-up and rounds."""
+    return replace(scenario, duration=args.duration, warmup=args.warmup, rounds=args.rounds)
+
+
+def run_main(
+    amain: Callable[[argparse.Namespace], Awaitable[int]],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> NoReturn:
+    """Parse the command line, run ``amain`` and exit with its status.
+
+    SIGTERM cancels it like Ctrl-C, so every process it started is stopped (143, 130);
+    a system that could not be started is an error message and status 1.
+    """
+
+    async def run(args: argparse.Namespace) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await amain(args)
+        except STEP_ERRORS as exc:
+            say(f"error: {summarize(str(exc))}")
+            return 1
+
+    args: Any = parser.parse_args(argv)
     try:
-        status = asyncio.run(main)
+        status = asyncio.run(run(args))
     except KeyboardInterrupt:
         status = 130
-    except asyncio.CancelledError:  # SIGTERM
+    except asyncio.CancelledError:
         status = 143
     sys.exit(status)

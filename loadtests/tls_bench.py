@@ -1,10 +1,10 @@
 """HTTPS at the front: lbstack's balancer terminating TLS against nginx doing the same.
 
-One lbstack stack (balancer → 2 proxies → 3 zero-latency servers each) with an
-``https://`` listener, and nginx in the same shape over the same server processes with
-its front terminating TLS (1.2/1.3, the same self-signed certificate, made here with
-``openssl``). wrk loads each over keep-alive HTTPS connections at ``--connections``, in
-alternating rounds; prints requests per second and p50/p99 for each, and the ratio.
+One lbstack stack (scenario ``tls``: balancer → 2 proxies → 3 zero-latency servers
+each) with an ``https://`` listener, and nginx in the same shape over the same server
+processes with its front terminating TLS (1.2/1.3, the same self-signed P-256
+certificate, made here with ``openssl``). wrk loads each over keep-alive HTTPS
+connections at ``--connections``, in alternating rounds.
 
 Run it from the project root: ``.venv/bin/python -m loadtests.tls_bench``.
 """
@@ -12,22 +12,16 @@ Run it from the project root: ``.venv/bin/python -m loadtests.tls_bench``.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
-import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
-
-from loadtests.bench import stack_config
-from loadtests.options import positive_int, run_main
-from loadtests.topology import LbstackStack, NginxTopology, make_workdir, remove_workdir
-from loadtests.wrk import find_wrk, run_wrk
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "tls.json"
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+from loadtests.options import parser, positive_int, run_main, timed
+from loadtests.report import Report, find, medians, ratio, say
+from loadtests.scenarios import SCENARIOS, Wrk
+from loadtests.topology import kept, lbstack_up, missing, other_up, version
+from loadtests.wrk import rounds
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -46,69 +40,41 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-async def amain(options: argparse.Namespace) -> int:
-    wrk = find_wrk()
-    if wrk is None:
-        console.print("error: wrk is required (apt-get install wrk)", markup=False)
+async def amain(args: argparse.Namespace) -> int:
+    if problem := missing("wrk", "nginx", "openssl"):
+        say(problem)
         return 1
-    workdir = make_workdir("lbt-")
-    rates: dict[str, list[float]] = {"lbstack": [], "nginx": []}
-    p99: dict[str, list[float]] = {"lbstack": [], "nginx": []}
-    try:
-        cert, key = self_signed(workdir)
-        config = (
-            stack_config(proxies=2, servers_per_proxy=3, latency="0ms")
-            + f'\n[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-        )
-        async with (
-            LbstackStack(workdir, config, https=True) as stack,
-            NginxTopology(
-                workdir, stack.server_groups(), method="least_conn", tls=(cert, key)
-            ) as nginx,
-        ):
-            urls = {"lbstack": stack.url, "nginx": nginx.url}
-            for url in urls.values():  # warm-up
-                await run_wrk(url, workdir=workdir, duration=2, connections=8, wrk=wrk)
-            for round_ in range(1, options.rounds + 1):
-                for system, url in urls.items():
-                    result = await run_wrk(
-                        url,
-                        workdir=workdir,
-                        duration=options.duration,
-                        connections=options.connections,
-                        wrk=wrk,
-                    )
-                    rates[system].append(result.requests_per_s)
-                    p99[system].append(result.latency.p99_us / 1e3)
-                    console.print(
-                        f"round {round_} {system:<8} {result.requests_per_s:8.0f} req/s  "
-                        f"p99 {result.latency.p99_us / 1e3:7.2f} ms  "
-                        f"{result.non_2xx + result.socket_errors} errors",
-                        markup=False,
-                    )
-    finally:
-        remove_workdir(workdir)
-    ours, theirs = statistics.median(rates["lbstack"]), statistics.median(rates["nginx"])
-    console.print(
-        f"HTTPS c={options.connections}: lbstack {ours:.0f} req/s, nginx {theirs:.0f} req/s: "
-        f"{ours / theirs:.2f}× nginx (p99 {statistics.median(p99['lbstack']):.2f} ms against "
-        f"{statistics.median(p99['nginx']):.2f} ms)",
-        markup=False,
-    )
-    options.json.parent.mkdir(parents=True, exist_ok=True)
-    options.json.write_text(
-        json.dumps({"benchmark": "tls", "requests_per_s": rates, "p99_ms": p99}, indent=2) + "\n"
-    )
-    return 0
+    scenario = replace(timed(SCENARIOS["tls"], args), load=Wrk((args.connections,)))
+    report = Report("tls", {k: v for k, v in vars(args).items() if k not in ("json", "keep")})
+    report.host |= {p: version(p) for p in ("wrk", "nginx")}
+    with kept("lbt-", args.keep) as workdir:
+        tls = self_signed(workdir)
+        async with lbstack_up(scenario.topology, workdir, report, tls=tls) as lb:
+            lbstack = await lb.system()
+            async with other_up(scenario.systems[1], lb.server_groups(), workdir, tls=tls) as nginx:
+                nginx.tiers["servers"] = lbstack.tiers["servers"]
+                runs = await rounds([lbstack, nginx], scenario, report, workdir)
+    columns = [
+        "system",
+        "runs",
+        "req_per_s",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+        "cpu_us_front",
+        "cpu_us_total",
+    ]
+    summary = report.table("medians over the rounds", medians(runs, ("system",)), columns)
+    ours, theirs = (find(summary, system=s) for s in scenario.systems)
+    report.figures["throughput_ratio"] = ratio(ours.get("req_per_s"), theirs.get("req_per_s"))
+    report.figures["p99_ratio"] = ratio(ours.get("p99_ms"), theirs.get("p99_ms"))
+    return report.finish(args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.tls_bench", description=__doc__)
-    parser.add_argument("--connections", type=positive_int, default=64, help="wrk (64)")
-    parser.add_argument("--duration", type=positive_int, default=10, help="s per run (10)")
-    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds (2)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results JSON")
-    run_main(amain(parser.parse_args(argv)))
+    cli = parser("tls_bench", __doc__, "tls.json", SCENARIOS["tls"])
+    cli.add_argument("--connections", type=positive_int, default=64, help="wrk (64)")
+    run_main(amain, cli, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Closed-loop HTTP load with wrk, its figures read back as a ``WrkResult``.
+"""Closed-loop HTTP load with wrk, and alternating rounds of it over several systems.
 
 wrk runs ``connections`` keep-alive connections, each sending its next request as soon
 as the previous answer arrives. A small Lua script's ``done()`` prints the figures as
@@ -13,17 +13,24 @@ samples at that latency minus 1, 2, ... intervals. Those corrected figures are w
 ``raw[n] = corrected[n] - corrected[n + interval]``, to give the latencies the requests
 actually had (``measured``). The interval depends on each system's own throughput, so
 the two can rank systems differently; both are kept.
+
+``rounds`` runs every system of a scenario in alternating rounds (a, b, a, b ...) and
+reads each system's CPU time around every run: CPU per request per tier.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import shutil
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loadtests.report import BenchError, Report, Row
+from loadtests.scenarios import Scenario, Wrk
+from loadtests.topology import System, cpu_per_request, run_program
 
 # wrk counts a response with status > 399 in errors.status; a latency above --timeout
 # is not recorded but counted in errors.timeout. The FFI view of wrk's histogram is
@@ -85,25 +92,13 @@ end
 """
 
 
-class WrkError(Exception):
-    """wrk is missing, failed, overran its time or printed no figures."""
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Latency percentiles of one run, in microseconds."""
-
-    p50_us: int
-    p90_us: int
-    p99_us: int
-    p999_us: int
-    mean_us: float
-    max_us: int
+class WrkError(BenchError):
+    """wrk failed, overran its time or printed no figures."""
 
 
 @dataclass(frozen=True)
 class WrkResult:
-    """One wrk run's figures.
+    """One wrk run's figures; latencies in µs.
 
     ``latency`` is what the requests measured (wrk's correction undone), or wrk's own
     figures when that could not be done (``measured`` false); ``wrk_latency`` is always
@@ -120,93 +115,103 @@ class WrkResult:
     write_errors: int
     timeouts: int
     samples: int  # latencies recorded once the correction is undone; -1 if it was not
-    latency: Latency
-    wrk_latency: Latency
+    latency: dict[str, float]
+    wrk_latency: dict[str, float]
     measured: bool
-
-    @property
-    def socket_errors(self) -> int:
-        """Connect, read and write errors and timeouts (wrk's "Socket errors")."""
-        return self.connect_errors + self.read_errors + self.write_errors + self.timeouts
 
     @classmethod
     def from_json(cls, line: str) -> WrkResult:
         """Parse the JSON line ``REPORT_LUA`` prints."""
         data: dict[str, Any] = json.loads(line)
-        corrected = Latency(**data.pop("wrk"))
-        raw = data.pop("measured")
-        measured = Latency(**raw) if raw is not None else corrected
-        return cls(**data, latency=measured, wrk_latency=corrected, measured=raw is not None)
+        corrected, raw = data.pop("wrk"), data.pop("measured")
+        return cls(**data, latency=raw or corrected, wrk_latency=corrected, measured=bool(raw))
 
-
-def find_wrk() -> str | None:
-    """The wrk executable, or None when wrk is not installed."""
-    return shutil.which("wrk")
-
-
-async def wrk_version(wrk: str) -> str:
-    """``wrk 4.1.0 [epoll]``: the first line of ``wrk -v``."""
-    process = await asyncio.create_subprocess_exec(
-        wrk,
-        "-v",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 10.0)
-    first = out.decode(errors="replace").splitlines()[:1]
-    return first[0].split(" Copyright")[0].strip() if first else "wrk"
+    def figures(self) -> Row:
+        """The row a report prints: rate, latencies in ms, errors (non-2xx and socket)."""
+        socket = self.connect_errors + self.read_errors + self.write_errors + self.timeouts
+        return {
+            "requests": self.requests,
+            "req_per_s": round(self.requests_per_s, 1),
+            **{f"p{p}_ms": self.latency[f"p{p}_us"] / 1000 for p in ("50", "90", "99", "999")},
+            "errors": self.non_2xx + socket,
+            "wrk_p99_ms": self.wrk_latency["p99_us"] / 1000,
+        }
 
 
 async def run_wrk(
     url: str,
-    *,
     workdir: Path,
-    duration: int,
-    connections: int = 64,
+    duration: float,
+    connections: int,
+    *,
     threads: int = 2,
     timeout: int = 10,
-    wrk: str = "wrk",
     grace: float = 20.0,
 ) -> WrkResult:
-    """Load ``url`` for ``duration`` whole seconds and return the figures.
+    """Load ``url`` for ``duration`` (whole) seconds and return the figures.
 
     ``timeout`` is wrk's per-request timeout: slower requests count as timeouts and
     drop out of the percentiles, so keep it above the longest stall under test. The
     subprocess is killed if it outlives ``duration + timeout + grace`` seconds.
     """
-    if duration < 1:
-        raise WrkError(f"wrk needs a duration of at least 1 s, found {duration}")
+    seconds = max(1, round(duration))
     script = workdir / f"report-c{connections}.lua"
     script.write_text(REPORT_LUA.replace("@CONNECTIONS@", str(connections)))
-    process = await asyncio.create_subprocess_exec(
-        wrk,
+    status, out, err = await run_program(
+        "wrk",
         f"--threads={min(threads, connections)}",
         f"--connections={connections}",
-        f"--duration={duration}s",
+        f"--duration={seconds}s",
         f"--timeout={timeout}s",
         f"--script={script}",
         url,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        timeout=seconds + timeout + grace,
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), duration + timeout + grace)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise WrkError(f"wrk against {url} overran {duration + timeout + grace:g} s") from None
-    text = out.decode(errors="replace")
-    lines = [line for line in text.splitlines() if line.strip()]
-    if process.returncode != 0 or not lines:
-        raise WrkError(
-            f"wrk against {url} failed (status {process.returncode}): "
-            f"{err.decode(errors='replace').strip() or text.strip()}"
-        )
+    lines = out.strip().splitlines()
+    if status != 0 or not lines:
+        raise WrkError(f"wrk against {url} failed (status {status}): {err.strip() or out}")
     try:
         return WrkResult.from_json(lines[-1])
     except (ValueError, TypeError) as exc:
         raise WrkError(f"wrk printed no figures; its last line: {lines[-1]!r}") from exc
+
+
+async def rounds(
+    systems: Sequence[System],
+    scenario: Scenario,
+    report: Report,
+    workdir: Path,
+    *,
+    table: str = "runs",
+    during: Callable[[], AbstractAsyncContextManager[Row]] | None = None,
+    timeout: int = 10,
+) -> list[Row]:
+    """Every system at each of the scenario's connection counts, in alternating rounds
+    after a warm-up each: each run's figures and every tier's CPU µs per request.
+
+    ``during`` wraps each measured run (a fault timer, say); what it yields joins the
+    row. A run wrk could not make becomes a row with an ``error``.
+    """
+    load = scenario.load
+    assert isinstance(load, Wrk), load
+    for system in systems:
+        if scenario.warmup > 0:
+            await run_wrk(system.url, workdir, scenario.warmup, load.connections[-1])
+    rows = []
+    for round_ in range(1, scenario.rounds + 1):
+        for system in systems:
+            for c in load.connections:
+                row: Row = {"system": system.name, "round": round_, "c": c}
+                before = system.cpu()
+                try:
+                    async with during() if during else contextlib.nullcontext({}) as extra:
+                        result = await run_wrk(
+                            system.url, workdir, scenario.duration, c, timeout=timeout
+                        )
+                except WrkError as exc:
+                    report.error(f"{system.name} c={c} round {round_}", exc)
+                    rows.append(report.row(table, {**row, "error": str(exc)}))
+                    continue
+                row |= result.figures() | cpu_per_request(before, system.cpu(), result.requests)
+                rows.append(report.row(table, row | extra))
+    return rows

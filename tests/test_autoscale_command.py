@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lbstack.address import Address
-from lbstack.client import fetch_json
-from tests.harness import Stack, running_stack, short_tmpdir, statuses, steady_load, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import scale_events, short_tmpdir, statuses, steady_load, until
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 # --keep-alive above the proxy's pool_idle (15 s): a pooled connection is never closed
@@ -45,17 +44,15 @@ scale_down_window = "2s"
 """
 
 
-async def _view(stack: Stack) -> dict[str, Any]:
-    control = Address.unix(str(stack.run_dir / "control.sock"))
-    status, body = await fetch_json(control, "/status")
-    assert status == 200, body
-    servers = [c for c in body["components"] if c["role"] == "server"]
-    assert all(c["admin"] is None for c in servers)  # the user's own: no admin, no /metrics
-    return {"servers": [c["name"] for c in servers], **body["autoscale"]["proxy-0"]}
+async def _view(stack: RunningStack) -> dict[str, Any]:
+    status = await stack.status()
+    servers = [c for c in status.components if c.role == "server"]
+    assert all(c.admin is None for c in servers)  # the user's own: no admin, no /metrics
+    return {"servers": [c.name for c in servers], **status.autoscale["proxy-0"].to_json()}
 
 
 async def _grow_and_shrink(
-    stack: Stack, *, signal: str, path: str, workers: int, low: int, high: int
+    stack: RunningStack, *, signal: str, path: str, workers: int, low: int, high: int
 ) -> list[tuple[int, int]]:
     """Load until the group reaches ``high``, then none until it is back at ``low`` and
     stays there; the scale steps taken, from the log. Checks the bounds all along."""
@@ -102,7 +99,7 @@ async def _grow_and_shrink(
         if match is not None:
             assert match[2] == signal and match[3] != "none", line
             steps.append((int(match[4]), int(match[5])))
-    events = await stack.scale_events("proxy-0")
+    events = await scale_events(stack, "proxy-0")
     assert events == {
         "up": sum(b - a for a, b in steps if b > a),
         "down": sum(a - b for a, b in steps if b < a),

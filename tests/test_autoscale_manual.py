@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lbstack.address import Address
-from lbstack.client import fetch_json
-from tests.harness import Stack, cli, running_stack, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, until
 
 HELD_EVALUATIONS = 5  # evaluations seen held, each of which would otherwise shrink
 
@@ -31,12 +30,9 @@ hold = "6s"
 """
 
 
-async def _view(stack: Stack) -> dict[str, Any]:
-    control = Address.unix(str(stack.run_dir / "control.sock"))
-    status, body = await fetch_json(control, "/status")
-    assert status == 200, body
-    servers = [c["name"] for c in body["components"] if c["role"] == "server"]
-    return {"servers": servers, **body["autoscale"]["proxy-0"]}
+async def _view(stack: RunningStack) -> dict[str, Any]:
+    status = await stack.status()
+    return {"servers": status.names("server"), **status.autoscale["proxy-0"].to_json()}
 
 
 async def test_a_manual_scale_stands_for_the_hold_then_the_policy_takes_over() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from tests.harness import running_stack, statuses, steady_load, until
+from lbstack.testing import running_stack
+from tests.harness import scale_events, statuses, steady_load, supervisor_samples, until
 
 WORKERS = 10
 TARGET = 4.0
@@ -43,36 +44,37 @@ max_step_up = 2
 
 async def test_steady_load_inside_the_tolerance_causes_no_scale_event() -> None:
     async with running_stack(config=STEADY) as stack:
-        assert await stack.scale_events("proxy-0") == {"up": 0.0, "down": 0.0}
+        assert await scale_events(stack, "proxy-0") == {"up": 0.0, "down": 0.0}
         async with steady_load(stack, workers=WORKERS, path="/steady") as seen:
 
             async def in_band() -> bool:
-                view = (await stack.autoscale())["proxy-0"]
-                return bool(view.get("reason") == "within tolerance")
+                view = (await stack.status()).autoscale["proxy-0"]
+                return view.reason == "within tolerance"
 
             await until(in_band, "the signal to settle inside the tolerance band", timeout=30)
-            start = (await stack.autoscale())["proxy-0"]["evaluations"]
+            start = (await stack.status()).autoscale["proxy-0"].evaluations
             readings: list[float] = []
 
             async def watched() -> bool:
-                view = (await stack.autoscale())["proxy-0"]
+                view = (await stack.status()).autoscale["proxy-0"]
                 decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]
-                assert view["reason"] == "within tolerance", (view, decisions[-5:])
-                assert view["current"] == view["desired"] == 2, view
-                readings.append(view["observed"])
-                return bool(view["evaluations"] >= start + EVALUATIONS)
+                assert view.reason == "within tolerance", (view, decisions[-5:])
+                assert view.current == view.desired == 2, view
+                assert view.observed is not None, view
+                readings.append(view.observed)
+                return view.evaluations >= start + EVALUATIONS
 
             await until(watched, f"{EVALUATIONS} more evaluations", timeout=60)
             status = await stack.status()
-        servers = [c["name"] for c in status["components"] if c["role"] == "server"]
+        servers = status.names("server")
         assert servers == ["server-0-0", "server-0-1"]
-        assert await stack.scale_events("proxy-0") == {"up": 0.0, "down": 0.0}
-        view = status["autoscale"]["proxy-0"]
-        assert view["signal"] == "in_flight" and view["evaluations"] >= start + EVALUATIONS
+        assert await scale_events(stack, "proxy-0") == {"up": 0.0, "down": 0.0}
+        view = status.autoscale["proxy-0"]
+        assert view.signal == "in_flight" and view.evaluations >= start + EVALUATIONS
         # Inside the band, and above the target: without the band the group would grow.
         assert all(TARGET * (1 - TOLERANCE) <= r <= TARGET * (1 + TOLERANCE) for r in readings)
         assert max(readings) > TARGET, readings
-        [(_, evaluations)] = await stack.supervisor_samples("lbstack_autoscale_evaluations_total")
+        [(_, evaluations)] = await supervisor_samples(stack, "lbstack_autoscale_evaluations_total")
         assert evaluations >= start + EVALUATIONS
         # Logged once, not once per evaluation, and never a step.
         decisions = [line for line in stack.logs().splitlines() if "proxy-0: " in line]

@@ -15,8 +15,9 @@ from lbstack.config import Autoscale
 from lbstack.metrics import Metrics, UpstreamMetrics
 from lbstack.supervisor.autoscaler import Reading, Recommender, Signal
 from lbstack.supervisor.telemetry import tree_cpu_seconds
+from lbstack.testing import running_stack
 from tests.conftest import FakeClock
-from tests.harness import running_stack, statuses, steady_load, until
+from tests.harness import statuses, steady_load, until
 
 
 def policy(**fields: object) -> Autoscale:
@@ -209,14 +210,14 @@ async def test_a_load_step_grows_the_group_and_its_end_shrinks_it() -> None:
         def servers(count: int) -> Callable[[], Awaitable[bool]]:
             async def check() -> bool:
                 status = await stack.status()
-                return sum(1 for c in status["components"] if c["role"] == "server") == count
+                return len(status.names("server")) == count
 
             return check
 
         async with steady_load(stack, workers=12, path="/step") as seen:
             await until(servers(3), "the group to grow to 3 servers", timeout=45)
             status = await stack.status()
-            assert status["autoscale"]["proxy-0"]["target"] == 2
+            assert status.autoscale["proxy-0"].target == 2
         await until(servers(1), "the group to shrink back to 1 server", timeout=45)
         assert statuses(seen) == {"200"}, seen
         # Up by at most max_step_up (2) to at most max (3), down by max_step_down (1).
@@ -228,4 +229,4 @@ async def test_a_load_step_grows_the_group_and_its_end_shrinks_it() -> None:
         ]
         assert steps[-2:] == [(3, 2), (2, 1)], steps
         assert steps[:-2] and all(0 < b - a <= 2 and b <= 3 for a, b in steps[:-2]), steps
-        json.dumps(status)  # the status with the autoscaler's view is JSON
+        json.dumps(status.to_json())  # the status with the autoscaler's view is JSON

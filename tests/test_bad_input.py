@@ -51,7 +51,8 @@ from typing import Any, Literal
 import pytest
 import pytest_asyncio
 
-from tests.harness import Stack, running_stack, short_tmpdir, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import short_tmpdir, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -91,7 +92,7 @@ NEVER_COMPLETE: list[bytes] = []  # may reach it, but never with a complete body
 
 @dataclass
 class Bed:
-    stack: Stack
+    stack: RunningStack
     logs: Path
 
     @property

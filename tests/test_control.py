@@ -9,9 +9,8 @@ import signal
 
 import aiohttp
 
-from lbstack.address import parse_address
-from lbstack.client import fetch, fetch_json
-from tests.harness import Stack, cli, running_stack
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli
 
 COMPONENTS = {
     "supervisor",
@@ -22,9 +21,10 @@ COMPONENTS = {
 }
 
 
-async def _metrics_endpoint(stack: Stack) -> str:
-    status = await stack.status()
-    return str(parse_address(status["metrics"]).http_base)
+async def _metrics_endpoint(stack: RunningStack) -> str:
+    metrics = (await stack.status()).metrics
+    assert metrics is not None
+    return metrics.http_base
 
 
 async def test_the_exporter_relays_known_targets_and_refuses_others() -> None:
@@ -55,8 +55,7 @@ async def test_the_exporter_relays_known_targets_and_refuses_others() -> None:
 async def test_a_component_that_does_not_answer_is_a_503_for_prometheus() -> None:
     async with running_stack() as stack:
         base = await _metrics_endpoint(stack)
-        pid = (await stack.component("server-0-1"))["pid"]
-        os.kill(pid, signal.SIGSTOP)
+        pid = await stack.kill("server-0-1", signal.SIGSTOP)
         try:
             async with (
                 aiohttp.ClientSession() as client,
@@ -106,11 +105,8 @@ async def test_status_shows_the_tree_with_live_load() -> None:
 
 async def test_control_status_and_probes() -> None:
     async with running_stack() as stack:
-        control = parse_address(f"unix:{stack.run_dir}/control.sock")
-        status, body = await fetch_json(control, "/readyz")
-        assert (status, body["status"]) == (200, "ready")
-        status, raw = await fetch(control, "/metrics")
-        assert status == 200 and b"lbstack_child_restarts_total" in raw
+        assert await stack.control.ready()
+        assert "lbstack_child_restarts_total" in await stack.control.metrics()
         routing = await cli("status", "proxy-1", "--run-dir", str(stack.run_dir))
         assert routing.returncode == 0, routing.stderr
         assert "policy p2c_ewma" in routing.stdout

@@ -27,9 +27,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from lbstack.address import Address
-from lbstack.client import fetch_json
-from tests.harness import Stack, running_stack, short_tmpdir
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import short_tmpdir
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -229,7 +228,7 @@ class Prometheus:
 class Scraped:
     """The stack and the Prometheus scraping it."""
 
-    stack: Stack
+    stack: RunningStack
     prometheus: Prometheus
     targets: set[str]
 
@@ -308,14 +307,12 @@ async def running_prometheus(config: Path, workdir: Path) -> AsyncIterator[str]:
                 await process.wait()
 
 
-async def inject_fault(stack: Stack, server: str, changes: dict[str, str]) -> None:
+async def inject_fault(stack: RunningStack, server: str, changes: dict[str, str]) -> None:
     """Change a simulated server's behaviour through its admin socket (lbstack fault)."""
-    admin = Address.unix(str(stack.run_dir / f"{server}.admin.sock"))
-    status, body = await fetch_json(admin, "/fault", method="POST", body=changes)
-    assert status == 200, body
+    await stack.admin(server).fault(changes)
 
 
-async def drive_traffic(stack: Stack) -> Counter[int]:
+async def drive_traffic(stack: RunningStack) -> Counter[int]:
     """Send REQUESTS requests through the balancer; count the statuses."""
     statuses: Counter[int] = Counter()
     pending = iter(range(REQUESTS))

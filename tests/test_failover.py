@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections import Counter
-from typing import Any
 
 import aiohttp
 
-from tests.harness import Stack, cli, running_stack, statuses, steady_load, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, server_status, statuses, steady_load, until
 
 # Fast health and ejection settings, so each test takes seconds, not minutes.
 FAST = """
@@ -28,7 +26,9 @@ timeout = "300ms"
 """
 
 
-async def _share(stack: Stack, server: str, requests: int = 240, concurrency: int = 8) -> float:
+async def _share(
+    stack: RunningStack, server: str, requests: int = 240, concurrency: int = 8
+) -> float:
     """The share of ``requests`` GETs (``concurrency`` at a time) that ``server`` served."""
     seen: Counter[str] = Counter()
     remaining = requests
@@ -44,11 +44,6 @@ async def _share(stack: Stack, server: str, requests: int = 240, concurrency: in
     async with stack.session() as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return seen[server] / sum(seen.values())
-
-
-async def _upstream(stack: Stack, router: str, name: str) -> dict[str, Any]:
-    status = await stack.admin(router)
-    return next(u for u in status["upstreams"] if u["name"] == name)
 
 
 async def test_a_slow_server_gets_a_small_share_and_recovers_after_clear() -> None:
@@ -77,8 +72,8 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
 
         async def ejected() -> bool:
             await _share(stack, bad, requests=30)
-            upstream = await _upstream(stack, "proxy-1", bad)
-            return not upstream["available"] and upstream["ejections"] >= 1
+            upstream = await stack.admin("proxy-1").upstream(bad)
+            return not upstream.available and upstream.ejections >= 1
 
         await until(ejected, f"{bad} to be ejected")
         # Out, it serves nothing (the other five take everything).
@@ -89,7 +84,7 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
             return await _share(stack, bad, requests=60) > 0.0
 
         await until(readmitted, f"{bad} to be re-admitted")
-        metrics = await stack.admin_text("proxy-1", "/metrics")
+        metrics = await stack.admin("proxy-1").metrics()
         assert (
             f'lbstack_upstream_ejections_total{{instance="proxy-1",role="proxy",upstream="{bad}"}}'
             in metrics
@@ -99,9 +94,8 @@ async def test_an_erroring_server_is_ejected_and_readmitted() -> None:
 async def test_killing_a_server_then_a_proxy_fails_no_get() -> None:
     async with running_stack(config=FAST) as stack, steady_load(stack, workers=8) as seen:
         for victim in ("server-0-1", "proxy-0"):
-            before = await stack.component(victim)
-            os.kill(before["pid"], signal.SIGKILL)
-            await stack.wait_for(victim, not_pid=before["pid"])
+            before = await stack.kill(victim)
+            await stack.wait_for(victim, not_pid=before)
             mark = sum(seen.values()) + 200
 
             async def more_served(mark: int = mark) -> bool:
@@ -125,15 +119,15 @@ async def test_a_post_whose_server_dies_is_502_and_never_replayed() -> None:
             async def received() -> bool:
                 nonlocal holder
                 for server in ("server-0-0", "server-0-1"):
-                    if (await stack.admin(server))["received"].get("POST"):
+                    if (await server_status(stack, server)).received.get("POST"):
                         holder = server
                 await asyncio.sleep(0.02)  # wait-ok: polling with a deadline
                 return bool(holder)
 
             await until(received, "a server to receive the POST")
             other = "server-0-1" if holder == "server-0-0" else "server-0-0"
-            os.kill((await stack.component(holder))["pid"], signal.SIGKILL)
+            await stack.kill(holder)
             response = await post
             assert response.status == 502
             response.release()
-        assert (await stack.admin(other))["received"].get("POST", 0) == 0
+        assert (await server_status(stack, other)).received.get("POST", 0) == 0

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import Counter
 from pathlib import Path
 
-from tests.harness import Stack, running_stack, statuses, steady_load, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import server_status, statuses, steady_load, until
 
 SERVERS = [f"server-{p}-{s}" for p in range(2) for s in range(3)]
 
 
-async def received(stack: Stack, method: str) -> int:
+async def received(stack: RunningStack, method: str) -> int:
     """Requests of ``method`` every server of the default stack has received."""
-    return sum([(await stack.admin(s))["received"].get(method, 0) for s in SERVERS])
+    return sum([(await server_status(stack, s)).received.get(method, 0) for s in SERVERS])
 
 
 async def test_every_server_answering_503_costs_at_most_two_attempts_per_get() -> None:
@@ -51,9 +51,8 @@ async def test_a_server_dying_under_load_costs_no_get_and_no_fan_out() -> None:
     )
     try:
         async with running_stack(config=config) as stack, steady_load(stack, workers=8) as seen:
-            victim = await stack.component("server-0-1")
-            os.kill(victim["pid"], signal.SIGKILL)
-            await stack.wait_for("server-0-1", not_pid=victim["pid"])
+            victim = await stack.kill("server-0-1")
+            await stack.wait_for("server-0-1", not_pid=victim)
             mark = sum(seen.values()) + 100
 
             async def more_served() -> bool:

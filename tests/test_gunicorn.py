@@ -20,20 +20,24 @@ import stat
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
+import pytest_asyncio
 
 from lbstack.address import Address
 from lbstack.client import fetch, fetch_json, probe
 from lbstack.errors import ConfigError
 from lbstack.gunicorn import TierSettings, parse_upstreams
 from lbstack.metrics import parse
-from tests.harness import Stack, running_stack, short_tmpdir, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import short_tmpdir, until
+from tests.load import Load
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "deploy" / "gunicorn" / "gunicorn.conf.py"
@@ -266,7 +270,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _proxy_sockets(stack: Stack) -> str:
+def _proxy_sockets(stack: RunningStack) -> str:
     return " ".join(f"unix:{stack.run_dir / f'proxy-{p}.sock'}" for p in range(2))
 
 
@@ -323,108 +327,29 @@ def _metric_files(tier: Tier, pid: int) -> Iterator[str]:
         yield path.name
 
 
-async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers() -> None:
-    async with (
-        running_stack() as stack,
-        running_tier(2, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS=_proxy_sockets(stack)) as tier,
-    ):
-        # The data socket: owner and group only (gunicorn alone would make it 0777).
-        assert stat.S_IMODE(tier.socket.stat().st_mode) == 0o660
-        workers = tier.workers()
-        assert len(workers) == 2, workers
-        assert {pid for pid in workers} == {child for child in _children(tier.process.pid)}, (
-            "one admin socket per worker, named by its pid"
-        )
-        for address in workers.values():
-            assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o600
-            status, view = await fetch_json(address, "/status")
-            assert status == 200, view
-            assert (view["name"], view["role"]) == ("balancer", "balancer")
-            status, listed = await fetch_json(address, "/upstreams")
-            assert status == 200, listed
-            assert sorted(u["name"] for u in listed["upstreams"]) == ["proxy-0", "proxy-1"]
-            assert await probe(address, "/healthz")
-
-        assert await _requests(tier, REQUESTS) == Counter(ok=2 * REQUESTS)
-        # Each worker answers for the whole tier: the counts of both summed (another
-        # worker's, as of its last sample, at most SAMPLE_INTERVAL old).
-        for address in workers.values():
-            await _until_total(address, 2 * REQUESTS)
-        assert not (tier.admin_dir / "gunicorn.ctl").exists()
-
-        # Kill a worker under load: gunicorn replaces it, its live gauges leave the sums
-        # (child_exit), its counts stay in them, and nothing is refused meanwhile.
-        # The tier's admin address leads to one worker; kill that one.
-        alias = tier.admin_dir / "balancer.admin.sock"
-        match = ADMIN.fullmatch(os.readlink(alias))
-        assert match is not None
-        victim = int(match["pid"])
-        [survivor] = set(workers) - {victim}
-        await _until_total(Address.unix(str(alias)), 2 * REQUESTS)
-        assert any(f.startswith("gauge_livesum_") for f in _metric_files(tier, victim))
-        seen: Counter[str] = Counter()
-        stop = asyncio.Event()
-
-        async def load() -> None:
-            async with tier.session() as client:
-                for _ in range(20_000):  # bounded; normally ended by ``stop``
-                    if stop.is_set():
-                        return
-                    try:
-                        async with client.get("/during") as response:
-                            await response.read()
-                            seen[str(response.status)] += 1
-                    except aiohttp.ClientConnectorError:
-                        seen["refused"] += 1
-                    except aiohttp.ClientError:
-                        seen["failed"] += 1
-
-        loaders = [asyncio.create_task(load()) for _ in range(4)]
-        try:
-            await until(lambda: _answered(seen, 20), "requests before the kill")
-            counted = await _requests_total(workers[survivor])
-            os.kill(victim, signal.SIGKILL)
-
-            async def replaced() -> bool:
-                ready = await tier.ready_workers()
-                return victim not in ready and len(ready) == 2
-
-            await until(replaced, "a replacement worker", START_TIMEOUT)
-            before = seen["200"]
-            await until(lambda: _answered(seen, before + 20), "requests after the kill")
-        finally:
-            stop.set()
-            await asyncio.gather(*loaders)
-        assert seen["refused"] == 0, seen
-        # Only requests in flight on the killed worker may fail: at most one per loader.
-        assert seen["failed"] <= len(loaders), seen
-        assert set(seen) <= {"200", "failed"}, seen
-
-        files = set(_metric_files(tier, victim))
-        assert not any(f.startswith("gauge_live") for f in files), files
-        assert any(f.startswith("counter_") for f in files), files
-        assert victim not in tier.workers(), "the dead worker's admin socket is removed"
-        [newcomer] = set(tier.workers()) - {survivor}
-        # What the dead worker had sampled stays counted (it loses at most its last
-        # SAMPLE_INTERVAL of counts, never sampled), and the survivor's samples add on.
-        assert counted >= 2 * REQUESTS
-        await _until_total(tier.workers()[newcomer], counted, more=True)
-        assert await _requests(tier, REQUESTS // 4) == Counter(ok=2 * (REQUESTS // 4))
-        assert os.readlink(alias) != f"balancer-{victim}.admin.sock", "the alias moved on"
-        assert await probe(Address.unix(str(alias)), "/readyz")
-        assert "was sent SIGKILL" in tier.logs()
-
-        # A graceful stop: workers drain, admin sockets and the data socket go away.
-        tier.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(tier.process.wait(), STOP_TIMEOUT) == 0, tier.logs()
-        assert list(tier.admin_dir.glob("*.admin.sock")) == []
-        assert not alias.is_symlink()
-        assert not tier.socket.exists()
-        assert "draining" in tier.logs()
+async def _during(client: aiohttp.ClientSession) -> str:
+    """One GET's outcome: its status, "refused" or "failed" (no answer)."""
+    try:
+        async with client.get("/during") as response:
+            await response.read()
+            return str(response.status)
+    except aiohttp.ClientConnectorError:
+        return "refused"
+    except aiohttp.ClientError:
+        return "failed"
 
 
-async def _answered(seen: Counter[str], count: int) -> bool:
-    return seen["200"] >= count
+async def _agreed_total(workers: Iterable[Address]) -> float:
+    """The tier's answered requests, once every worker reports the same figure (each adds
+    the others' counts as of their last sample, at most SAMPLE_INTERVAL old)."""
+    totals: list[float] = []
+
+    async def agreed() -> bool:
+        totals[:] = [await _requests_total(address) for address in workers]
+        return len(set(totals)) == 1
+
+    await until(agreed, "the workers to agree on the tier's count", 15.0)
+    return totals[0]
 
 
 def _children(pid: int) -> list[int]:
@@ -505,3 +430,106 @@ async def test_gunicorn_refuses_to_take_a_live_socket_over() -> None:
             assert await _requests(tier, 2) == Counter(ok=4)
         finally:
             _rmtree(base)
+
+
+# -- one balancer tier for the tests below (last here: it lives until the module ends) --
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def tier() -> AsyncIterator[Tier]:
+    """A balancer tier of 2 workers under gunicorn in front of a stack's proxies, for the
+    tests below: they take turns on it in file order, and the last one stops it."""
+    async with (
+        running_stack() as stack,
+        running_tier(2, LBSTACK_TIER="balancer", LBSTACK_UPSTREAMS=_proxy_sockets(stack)) as tier,
+    ):
+        yield tier
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_balancer_tier_serves_under_gunicorn_with_two_workers(tier: Tier) -> None:
+    # The data socket: owner and group only (gunicorn alone would make it 0777).
+    assert stat.S_IMODE(tier.socket.stat().st_mode) == 0o660
+    workers = tier.workers()
+    assert len(workers) == 2, workers
+    assert {pid for pid in workers} == {child for child in _children(tier.process.pid)}, (
+        "one admin socket per worker, named by its pid"
+    )
+    for address in workers.values():
+        assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o600
+        status, view = await fetch_json(address, "/status")
+        assert status == 200, view
+        assert (view["name"], view["role"]) == ("balancer", "balancer")
+        status, listed = await fetch_json(address, "/upstreams")
+        assert status == 200, listed
+        assert sorted(u["name"] for u in listed["upstreams"]) == ["proxy-0", "proxy-1"]
+        assert await probe(address, "/healthz")
+
+    before = await _agreed_total(workers.values())
+    assert await _requests(tier, REQUESTS) == Counter(ok=2 * REQUESTS)
+    # Each worker answers for the whole tier: the counts of both summed (another
+    # worker's, as of its last sample, at most SAMPLE_INTERVAL old).
+    for address in workers.values():
+        await _until_total(address, before + 2 * REQUESTS)
+    assert not (tier.admin_dir / "gunicorn.ctl").exists()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_worker_killed_under_load_is_replaced_and_its_counts_stay(tier: Tier) -> None:
+    """gunicorn replaces it, its live gauges leave the sums (child_exit), its counts stay
+    in them, and nothing is refused meanwhile."""
+    workers = tier.workers()
+    assert await _requests(tier, REQUESTS // 4) == Counter(ok=2 * (REQUESTS // 4))
+    sampled = await _agreed_total(workers.values())  # the victim's counts are on file
+    # The tier's admin address leads to one worker; kill that one.
+    alias = tier.admin_dir / "balancer.admin.sock"
+    match = ADMIN.fullmatch(os.readlink(alias))
+    assert match is not None
+    victim = int(match["pid"])
+    [survivor] = set(workers) - {victim}
+    assert any(f.startswith("gauge_livesum_") for f in _metric_files(tier, victim))
+    async with (
+        tier.session() as client,
+        Load(partial(_during, client), clients=4, bound=20_000) as load,
+    ):
+        await load.progress(20, "200", START_TIMEOUT)  # before the kill
+        counted = await _requests_total(workers[survivor])
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            ready = await tier.ready_workers()
+            return victim not in ready and len(ready) == 2
+
+        await until(replaced, "a replacement worker", START_TIMEOUT)
+        await load.progress(20, "200", START_TIMEOUT)  # after it
+    seen = load.seen
+    assert seen["refused"] == 0, seen
+    # Only requests in flight on the killed worker may fail: at most one per client.
+    assert seen["failed"] <= load.clients, seen
+    assert set(seen) <= {"200", "failed"}, seen
+
+    files = set(_metric_files(tier, victim))
+    assert not any(f.startswith("gauge_live") for f in files), files
+    assert any(f.startswith("counter_") for f in files), files
+    assert victim not in tier.workers(), "the dead worker's admin socket is removed"
+    [newcomer] = set(tier.workers()) - {survivor}
+    # What the dead worker had sampled stays counted (it loses at most its last
+    # SAMPLE_INTERVAL of counts, never sampled), and the survivor's samples add on.
+    assert counted >= sampled
+    await _until_total(tier.workers()[newcomer], counted, more=True)
+    assert await _requests(tier, REQUESTS // 4) == Counter(ok=2 * (REQUESTS // 4))
+    assert os.readlink(alias) != f"balancer-{victim}.admin.sock", "the alias moved on"
+    assert await probe(Address.unix(str(alias)), "/readyz")
+    assert "was sent SIGKILL" in tier.logs()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_graceful_stop_drains_and_removes_the_sockets(tier: Tier) -> None:
+    alias = tier.admin_dir / "balancer.admin.sock"
+    assert alias.is_symlink()
+    tier.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(tier.process.wait(), STOP_TIMEOUT) == 0, tier.logs()
+    assert list(tier.admin_dir.glob("*.admin.sock")) == []
+    assert not alias.is_symlink()
+    assert not tier.socket.exists()
+    assert "draining" in tier.logs()

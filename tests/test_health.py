@@ -16,7 +16,7 @@ from aiohttp import web
 
 from lbstack.address import Address
 from lbstack.config import TierConfig
-from lbstack.health import HealthMonitor
+from lbstack.health import ActiveChecks, HealthMonitor
 from lbstack.metrics import Metrics, UpstreamMetrics
 from lbstack.routing.upstream import Upstream
 from tests.conftest import FakeClock, UnixServers
@@ -124,11 +124,11 @@ async def test_rise_and_fall_hysteresis_on_admin_readyz(
     monitor = make_monitor([up], config, clock=clock)
 
     assert up.healthy and up.available  # upstreams start in
-    assert await monitor.check_once(up)
+    assert await monitor.checks.check_once(up)
     target.status = 503
-    assert not await monitor.check_once(up)
+    assert not await monitor.checks.check_once(up)
     assert up.healthy and up.available, "one failure is below fall=2"
-    assert not await monitor.check_once(up)
+    assert not await monitor.checks.check_once(up)
     assert not up.healthy and not up.available
     assert "upstream server-0-0 out: failed 2 active checks in a row" in caplog.text
     assert "/readyz answered 503" in caplog.text
@@ -136,10 +136,10 @@ async def test_rise_and_fall_hysteresis_on_admin_readyz(
     target.status = 200
     clock.advance(5)
     for _ in range(2):
-        assert await monitor.check_once(up)
+        assert await monitor.checks.check_once(up)
         assert not up.available, "fewer passes than rise=3"
     assert up.ramp_start == -math.inf
-    assert await monitor.check_once(up)
+    assert await monitor.checks.check_once(up)
     assert up.healthy and up.available
     assert up.ramp_start == clock.now, "recovery starts slow"
     assert "upstream server-0-0 back in: passed 3 active checks in a row" in caplog.text
@@ -158,7 +158,7 @@ async def test_a_pass_between_failures_restarts_the_fall_count(
     monitor = make_monitor([up], tier(health={"fall": 2}, ejection={"panic_threshold": 0}))
     for status in (500, 200, 500, 200):
         target.status = status
-        await monitor.check_once(up)
+        await monitor.checks.check_once(up)
     assert up.healthy
 
 
@@ -169,10 +169,10 @@ async def test_health_path_is_checked_on_the_data_address_without_admin(
     data = await unix_servers.serve(target.handle, "own")
     up = Upstream("own-0", data, health_path="/ping")
     monitor = make_monitor([up], tier(health={"fall": 1}, ejection={"panic_threshold": 0}))
-    assert HealthMonitor.check_target(up) == (data, "/ping")
-    assert await monitor.check_once(up)
+    assert ActiveChecks.check_target(up) == (data, "/ping")
+    assert await monitor.checks.check_once(up)
     target.status = 404
-    assert not await monitor.check_once(up)
+    assert not await monitor.checks.check_once(up)
     assert not up.healthy
     assert target.paths == ["/ping", "/ping"]
 
@@ -188,8 +188,8 @@ async def test_unreachable_and_slow_upstreams_fail_their_checks(
     config = tier(health={"fall": 1, "timeout": 0.05}, ejection={"panic_threshold": 0})
     monitor = make_monitor(ups, config)
     try:
-        assert not await monitor.check_once(ups[0])
-        assert not await monitor.check_once(ups[1])
+        assert not await monitor.checks.check_once(ups[0])
+        assert not await monitor.checks.check_once(ups[1])
     finally:
         assert target.hold is not None
         target.hold.set()
@@ -461,20 +461,20 @@ async def test_traffic_vouches_for_a_healthy_upstream_until_traffic_interval(
     config = tier(health={"interval": 1, "traffic_interval": 5})
     monitor = make_monitor(ups, config, clock=clock)
 
-    assert not monitor.vouched_for(up), "no request yet: the check is due"
+    assert not monitor.checks.vouched_for(up), "no request yet: the check is due"
     monitor.success(up)
-    assert not monitor.vouched_for(up), "never checked: the first check is made anyway"
-    monitor.record_check(up, True)
-    monitor._tracks[up].checked_at = clock.now  # as check_once stamps it
+    assert not monitor.checks.vouched_for(up), "never checked: the first check is made anyway"
+    monitor.checks.record_check(up, True)
+    monitor.checks._probes[up].checked_at = clock.now  # as check_once stamps it
 
     for _ in range(4):
         clock.advance(1)
         monitor.success(up)
-        assert monitor.vouched_for(up), "served since the last tick: no need to probe"
+        assert monitor.checks.vouched_for(up), "served since the last tick: no need to probe"
     clock.advance(1)
-    assert not monitor.vouched_for(up), "idle since the last tick: probe it"
+    assert not monitor.checks.vouched_for(up), "idle since the last tick: probe it"
     monitor.success(up)
-    assert not monitor.vouched_for(up), "traffic_interval since the last check: probe anyway"
+    assert not monitor.checks.vouched_for(up), "traffic_interval since the last check: probe anyway"
     assert monitor.status()[up.name]["checks_skipped"] == 4
 
 
@@ -489,17 +489,17 @@ async def test_failing_ejected_or_unhealthy_upstreams_are_always_checked(
     )
     monitor = make_monitor(ups, config, clock=clock)
     for up in ups:
-        monitor._tracks[up].checked_at = clock.now
+        monitor.checks._probes[up].checked_at = clock.now
 
     monitor.success(ups[0])
     monitor.failure(ups[0])  # a failure after the success: the evidence is mixed
     monitor.failure(ups[1])  # ejected
     ups[1].consecutive_failures = 0
     monitor.success(ups[1])
-    monitor.record_check(ups[2], False)  # unhealthy, yet (in panic, say) serving
+    monitor.checks.record_check(ups[2], False)  # unhealthy, yet (in panic, say) serving
     monitor.success(ups[2])
     assert not ups[1].available and not ups[2].healthy
-    assert [monitor.vouched_for(up) for up in ups] == [False, False, False]
+    assert [monitor.checks.vouched_for(up) for up in ups] == [False, False, False]
 
 
 async def test_traffic_interval_at_most_interval_checks_every_time(
@@ -507,9 +507,9 @@ async def test_traffic_interval_at_most_interval_checks_every_time(
 ) -> None:
     ups = upstreams(sockdir, 1)
     monitor = make_monitor(ups, tier(health={"interval": 1, "traffic_interval": 1}))
-    monitor._tracks[ups[0]].checked_at = time.monotonic()
+    monitor.checks._probes[ups[0]].checked_at = time.monotonic()
     monitor.success(ups[0])
-    assert not monitor.vouched_for(ups[0])
+    assert not monitor.checks.vouched_for(ups[0])
 
 
 async def test_a_busy_upstream_is_probed_less_than_an_idle_one(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import running_stack
+from lbstack.testing import running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"

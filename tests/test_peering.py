@@ -15,18 +15,20 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from aiohttp import web
 from prometheus_client import generate_latest
 from pytest_aiohttp import AiohttpClient
 from rich.console import Console
 
 from lbstack.address import Address
+from lbstack.api import LoadReport, PeerStatus
 from lbstack.component import ChildSpec, UpstreamSpec
 from lbstack.config import BalancerConfig, Config, ExchangeConfig, TierConfig, load
 from lbstack.errors import ConfigError
@@ -34,9 +36,11 @@ from lbstack.metrics import Metrics, parse
 from lbstack.peering import LoadView, Peering, PeerView, ViewError, peer_label
 from lbstack.routing import Policy, Upstream, create_policy
 from lbstack.statusview import render_router
+from lbstack.testing import RunningStack, running_stack
 from lbstack.tiers.router import create_router
 from tests.conftest import FakeClock, UnixServers
-from tests.harness import Stack, running_stack, until
+from tests.harness import router_status, until
+from tests.load import Load
 
 PROXIES = ("proxy-0", "proxy-1")
 SETTINGS = ExchangeConfig(interval=0.25, timeout=0.2, stale_after=1.0)
@@ -508,113 +512,129 @@ latency = "20ms"
 """
 
 
-async def load_of(stack: Stack, name: str) -> dict[str, Any]:
-    return await stack.admin(name, "/load")
+async def load_of(stack: RunningStack, name: str) -> LoadReport:
+    return await stack.admin(name).load()
 
 
-async def peer_of(stack: Stack, name: str) -> dict[str, Any]:
-    peers = (await stack.admin(name))["peers"]
-    assert len(peers) == 1
-    return dict(peers[0])
+async def peer_of(stack: RunningStack, name: str) -> PeerStatus:
+    [peer] = (await router_status(stack, name)).peers
+    return peer
 
 
-async def fresh_requests(stack: Stack, count: int) -> list[int]:
-    """``count`` GETs, each on a new connection (a stopped balancer holds none of them)."""
-    statuses = []
+def fresh_connections(stack: RunningStack) -> aiohttp.ClientSession:
+    """A session that opens a new connection for each request (so that each balancer
+    gets its share, and a stopped one holds none)."""
     connector = aiohttp.UnixConnector(path=stack.socket, force_close=True)
-    async with aiohttp.ClientSession("http://localhost", connector=connector) as client:
-        for _ in range(count):
-            async with client.get("/") as response:
-                await response.read()
-                statuses.append(response.status)
-    return statuses
+    return aiohttp.ClientSession("http://localhost", connector=connector)
 
 
-async def test_two_balancers_exchange_their_load() -> None:
+async def get(client: aiohttp.ClientSession) -> str:
+    """One GET's status."""
+    async with client.get("/") as response:
+        await response.read()
+        return str(response.status)
+
+
+async def fresh_requests(stack: RunningStack, count: int) -> list[str]:
+    """``count`` GETs, one after another, each on a new connection: their statuses."""
+    async with fresh_connections(stack) as client:
+        return [await get(client) for _ in range(count)]
+
+
+BALANCERS = ("balancer-0", "balancer-1")
+EACH_SEEING_THE_OTHER = (("balancer-0", "balancer-1"), ("balancer-1", "balancer-0"))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack() -> AsyncIterator[RunningStack]:
+    """One stack of two balancers for the tests below, which run on the module's loop
+    and are marked integration by hand (the stack is started here, not in them)."""
     async with running_stack("--balancers", "2", config=STACK_CONFIG) as stack:
-        pids = {n: (await stack.component(n))["pid"] for n in ("balancer-0", "balancer-1")}
-        stop = asyncio.Event()
-        outcomes: list[int] = []
+        yield stack
 
-        async def worker() -> None:
-            connector = aiohttp.UnixConnector(path=stack.socket, force_close=True)
-            async with aiohttp.ClientSession("http://localhost", connector=connector) as client:
-                for _ in range(2000):  # bounded; normally ended by ``stop``
-                    if stop.is_set():
-                        return
-                    async with client.get("/") as response:
-                        await response.read()
-                        outcomes.append(response.status)
 
-        workers = [asyncio.create_task(worker()) for _ in range(4)]
-        try:
-            # Both balancers take a share of the connections, and each sees the other.
-            async def both_busy() -> bool:
-                for name in pids:
-                    view = await load_of(stack, name)
-                    if sum(u["requests"] for u in view["upstreams"]) < 20:
-                        return False
-                return True
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_two_balancers_see_each_others_load_under_traffic(stack: RunningStack) -> None:
+    pids = {n: (await stack.component(n)).pid for n in BALANCERS}
 
-            await until(both_busy, "both balancers serving", timeout=30)
-            for name, other in (("balancer-0", "balancer-1"), ("balancer-1", "balancer-0")):
-                seen = await peer_of(stack, name)
-                after = await load_of(stack, other)
-                assert seen["name"] == other and seen["up"] and seen["pid"] == pids[other]
-                assert seen["age"] <= 1.0
-                for proxy, figures in seen["upstreams"].items():
-                    own = {u["name"]: u for u in after["upstreams"]}[proxy]
-                    assert figures["requests"] <= own["requests"], (proxy, figures, own)
-                assert seen["seq"] < after["seq"]  # a view the peer served earlier
-        finally:
-            stop.set()
-            await asyncio.gather(*workers)
-        assert set(outcomes) == {200}
+    async def both_busy() -> bool:
+        for name in BALANCERS:
+            view = await load_of(stack, name)
+            if sum(u.requests for u in view.upstreams) < 20:
+                return False
+        return True
 
-        # At rest, each balancer's view of the other is exactly the other's own figures.
-        for name, other in (("balancer-0", "balancer-1"), ("balancer-1", "balancer-0")):
+    async with (
+        fresh_connections(stack) as client,
+        Load(partial(get, client), clients=4, bound=2000) as load,
+    ):
+        # Both balancers take a share of the connections, and each sees the other.
+        await until(both_busy, "both balancers serving", timeout=30)
+        for name, other in EACH_SEEING_THE_OTHER:
+            seen = await peer_of(stack, name)
+            after = await load_of(stack, other)
+            assert seen.name == other and seen.up and seen.pid == pids[other]
+            assert seen.age is not None and seen.age <= 1.0
+            for proxy, figures in seen.upstreams.items():
+                own = {u.name: u for u in after.upstreams}[proxy]
+                assert figures.requests <= own.requests, (proxy, figures, own)
+            assert seen.seq is not None and seen.seq < after.seq  # served earlier
+    assert set(load.seen) == {"200"}
 
-            async def matches(name: str = name, other: str = other) -> bool:
-                own = {u["name"]: u for u in (await load_of(stack, other))["upstreams"]}
-                seen = (await peer_of(stack, name))["upstreams"]
-                return set(seen) == set(own) and all(
-                    seen[p]["requests"] == own[p]["requests"] and seen[p]["in_flight"] == 0
-                    for p in own
-                )
 
-            await until(matches, f"{name}'s view of {other} to match it", timeout=10)
-        status = await stack.admin("balancer-0")
-        assert all(u["peer_in_flight"] == 0 for u in status["upstreams"])
-        metrics = await stack.admin_text("balancer-0")
-        assert 'lbstack_peer_up{instance="balancer-0",peer="balancer-1",role="balancer"} 1.0' in (
-            metrics
-        )
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_at_rest_each_balancer_sees_exactly_the_others_figures(stack: RunningStack) -> None:
+    assert await fresh_requests(stack, 20) == ["200"] * 20
+    for name, other in EACH_SEEING_THE_OTHER:
 
-        # A stopped peer is ignored once stale; requests keep succeeding meanwhile.
-        os.kill(pids["balancer-1"], signal.SIGSTOP)
-        try:
+        async def matches(name: str = name, other: str = other) -> bool:
+            own = {u.name: u for u in (await load_of(stack, other)).upstreams}
+            seen = (await peer_of(stack, name)).upstreams
+            return set(seen) == set(own) and all(
+                seen[p].requests == own[p].requests and seen[p].in_flight == 0 for p in own
+            )
 
-            async def ignored() -> bool:
-                return not (await peer_of(stack, "balancer-0"))["up"]
+        await until(matches, f"{name}'s view of {other} to match it", timeout=10)
+    status = await router_status(stack, "balancer-0")
+    assert all(u.peer_in_flight == 0 for u in status.upstreams)
+    metrics = await stack.admin("balancer-0").metrics()
+    assert 'lbstack_peer_up{instance="balancer-0",peer="balancer-1",role="balancer"} 1.0' in (
+        metrics
+    )
 
-            await until(ignored, "balancer-1's view going stale", timeout=5)
-            statuses = await fresh_requests(stack, 20)
-            peer = await peer_of(stack, "balancer-0")
-            assert peer["errors"] >= 1 and peer["weight"] == 0
-            status = await stack.admin("balancer-0")
-            assert all(u["peer_in_flight"] == 0 for u in status["upstreams"])
-        finally:
-            os.kill(pids["balancer-1"], signal.SIGCONT)
-        assert statuses == [200] * 20
-        seq = peer["seq"]
 
-        async def back() -> bool:
-            again = await peer_of(stack, "balancer-0")
-            return bool(again["up"]) and again["seq"] > seq
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_stopped_peer_is_ignored_once_stale_and_counts_again_when_back(
+    stack: RunningStack,
+) -> None:
+    # Requests keep succeeding meanwhile.
+    stopped = await stack.kill("balancer-1", signal.SIGSTOP)
+    try:
 
-        await until(back, "balancer-1's view to count again", timeout=10)
-        assert (await stack.component("balancer-1"))["pid"] == pids["balancer-1"]
-        assert "peer balancer-1 stopped answering" in stack.logs()
+        async def ignored() -> bool:
+            return not (await peer_of(stack, "balancer-0")).up
+
+        await until(ignored, "balancer-1's view going stale", timeout=5)
+        statuses = await fresh_requests(stack, 20)
+        peer = await peer_of(stack, "balancer-0")
+        assert peer.errors >= 1 and peer.weight == 0
+        status = await router_status(stack, "balancer-0")
+        assert all(u.peer_in_flight == 0 for u in status.upstreams)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert statuses == ["200"] * 20
+    seq = peer.seq or 0
+
+    async def back() -> bool:
+        again = await peer_of(stack, "balancer-0")
+        return again.up and again.seq is not None and again.seq > seq
+
+    await until(back, "balancer-1's view to count again", timeout=10)
+    assert (await stack.component("balancer-1")).pid == stopped
+    assert "peer balancer-1 stopped answering" in stack.logs()
 
 
 def test_the_routing_view_shows_the_peers() -> None:

@@ -8,7 +8,6 @@ balancer while the stack changes underneath, and requires every answer to be a 2
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from collections import Counter
@@ -18,7 +17,15 @@ import aiohttp
 
 from lbstack.address import Address
 from lbstack.client import fetch
-from tests.harness import Stack, cli, running_stack, steady_load, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import (
+    cli,
+    router_status,
+    server_status,
+    steady_load,
+    supervisor_samples,
+    until,
+)
 
 TOPOLOGY = ("--proxies", "2", "--servers-per-proxy", "2")
 CONFIG = """
@@ -30,12 +37,12 @@ latency = "1ms"
 """
 
 
-def config_file(stack: Stack) -> Path:
+def config_file(stack: RunningStack) -> Path:
     return stack.run_dir.parent / "lbstack.toml"
 
 
-async def pids(stack: Stack) -> dict[str, int]:
-    return {c["name"]: c["pid"] for c in (await stack.status())["components"]}
+async def pids(stack: RunningStack) -> dict[str, int | None]:
+    return {c.name: c.pid for c in (await stack.status()).components}
 
 
 def only_200s(seen: Counter[str]) -> None:
@@ -47,7 +54,7 @@ def only_200s(seen: Counter[str]) -> None:
     assert outcomes["200"] > 50, "the load did not run"
 
 
-async def served_after(stack: Stack, seen: Counter[str], count: int) -> None:
+async def served_after(stack: RunningStack, seen: Counter[str], count: int) -> None:
     """Until the stream has answered ``count`` more requests: it runs through the change."""
     target = sum(seen.values()) + count
 
@@ -84,7 +91,7 @@ async def test_sighup_replaces_the_changed_children_one_by_one_losing_no_request
             "server-1-0",
             "server-1-1",
         }, changed
-        assert (await stack.admin("proxy-0"))["policy"] == "least_outstanding"
+        assert (await router_status(stack, "proxy-0")).policy == "least_outstanding"
         # The new processes took over the admin paths; the old ones left nothing behind.
         assert not list(stack.run_dir.glob("*.old.admin.sock"))
         assert not list(stack.run_dir.glob("*.next.admin.sock"))
@@ -104,7 +111,7 @@ async def test_rolling_restart_replaces_every_child_losing_no_request() -> None:
         children = set(before) - {"supervisor"}
         assert all(before[n] != after[n] for n in children), (before, after)
         assert after["supervisor"] == before["supervisor"]
-        samples = await stack.supervisor_samples("lbstack_child_replacements_total")
+        samples = await supervisor_samples(stack, "lbstack_child_replacements_total")
         replacements = {labels["child"]: value for labels, value in samples}
         assert replacements == {name: 1.0 for name in children}, replacements
 
@@ -133,7 +140,7 @@ async def test_an_invalid_config_is_refused_and_the_stack_keeps_serving() -> Non
             await served_after(stack, seen, 20)
         only_200s(seen)
         assert await pids(stack) == before
-        assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
+        assert (await router_status(stack, "proxy-0")).policy == "p2c_ewma"
 
 
 async def test_a_dry_run_says_what_a_reload_would_do_and_does_nothing() -> None:
@@ -156,7 +163,7 @@ async def test_a_dry_run_says_what_a_reload_would_do_and_does_nothing() -> None:
         out = await cli("reload", "--dry-run", "--run-dir", str(stack.run_dir))
         assert out.returncode == 2 and "proxy.policy" in out.stderr, out.stderr
         assert await pids(stack) == before
-        assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
+        assert (await router_status(stack, "proxy-0")).policy == "p2c_ewma"
 
 
 async def test_a_stopped_proxy_drains_and_loses_no_request() -> None:
@@ -164,13 +171,8 @@ async def test_a_stopped_proxy_drains_and_loses_no_request() -> None:
         victim = await stack.component("proxy-1")
         async with steady_load(stack, workers=4, posts=True) as seen:
             await served_after(stack, seen, 50)
-            os.kill(victim["pid"], signal.SIGTERM)
-
-            async def replaced() -> bool:
-                now = await stack.component("proxy-1")
-                return bool(now["state"] == "ready" and now["pid"] != victim["pid"])
-
-            await until(replaced, "proxy-1 to be restarted")
+            await stack.kill("proxy-1", signal.SIGTERM)
+            await stack.wait_for("proxy-1", not_pid=victim.pid)
             await served_after(stack, seen, 100)
         only_200s(seen)
         assert "SIGTERM: draining" in stack.logs()
@@ -179,7 +181,6 @@ async def test_a_stopped_proxy_drains_and_loses_no_request() -> None:
 async def test_a_draining_component_says_connection_close_and_not_ready() -> None:
     """What a router in front sees of a stopping server: not ready, and no keep-alive."""
     async with running_stack("--proxies", "1", "--servers-per-proxy", "1") as stack:
-        server = await stack.component("server-0-0")
         data = Address.unix(str(stack.run_dir / "server-0-0.sock"))
         admin = Address.unix(str(stack.run_dir / "server-0-0.admin.sock"))
         # Hold a keep-alive connection open, so the server has to wait out its window.
@@ -189,7 +190,7 @@ async def test_a_draining_component_says_connection_close_and_not_ready() -> Non
             async with session.get("http://x/") as response:
                 assert response.status == 200
                 assert response.headers.get("Connection", "").lower() != "close"
-            os.kill(server["pid"], signal.SIGTERM)
+            await stack.kill("server-0-0", signal.SIGTERM)
 
             async def draining() -> bool:
                 try:
@@ -211,24 +212,17 @@ async def test_a_drain_outlives_the_replacement_and_the_restart_of_the_router() 
         assert (await cli("drain", "server-0-1", *run_dir)).returncode == 0
 
         async def drained() -> dict[str, bool]:
-            view = await stack.admin("proxy-0", "/upstreams")
-            return {u["name"]: u["draining"] for u in view["upstreams"]}
+            return {u.name: u.draining for u in await stack.admin("proxy-0").upstreams()}
 
         assert await drained() == {"server-0-0": False, "server-0-1": True}
         out = await cli("restart", "--rolling", "proxy-0", *run_dir, timeout=120)
         assert out.returncode == 0, out.stderr
         assert await drained() == {"server-0-0": False, "server-0-1": True}
 
-        before = await stack.component("proxy-0")
-        os.kill(before["pid"], signal.SIGKILL)
-
-        async def restarted() -> bool:
-            now = await stack.component("proxy-0")
-            return bool(now["state"] == "ready" and now["pid"] != before["pid"])
-
-        await until(restarted, "proxy-0 to be restarted")
+        before = await stack.kill("proxy-0")
+        await stack.wait_for("proxy-0", not_pid=before)
         assert await drained() == {"server-0-0": False, "server-0-1": True}
-        assert (await stack.component("server-0-1"))["state"] == "draining"
+        assert (await stack.component("server-0-1")).state == "draining"
         async with steady_load(stack, workers=2) as seen:
             await served_after(stack, seen, 40)
         assert not [key for key in seen if key.endswith(":server-0-1")], seen
@@ -280,9 +274,9 @@ async def test_a_reload_that_fails_midway_is_rolled_back_and_the_stack_keeps_ser
         assert set(after) == set(before), (before, after)
         assert {n for n in before if before[n] != after[n]} == {"server-0-0", "server-0-1"}
         for name in ("server-0-0", "server-0-1"):
-            simulation = (await stack.admin(name))["simulation"]
-            assert simulation["latency"] == 0.001, (name, simulation)
-        assert (await stack.admin("proxy-0"))["policy"] == "p2c_ewma"
+            simulation = (await server_status(stack, name)).simulation
+            assert simulation.latency == 0.001, (name, simulation)
+        assert (await router_status(stack, "proxy-0")).policy == "p2c_ewma"
         # The next reload reads the running config, not the refused one.
         config_file(stack).write_text(TWO_KINDS)
         out = await cli("reload", "--run-dir", str(stack.run_dir), timeout=120)

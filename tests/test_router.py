@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,6 +24,7 @@ from lbstack.metrics import Metrics
 from lbstack.routing import POLICIES
 from lbstack.tiers.router import create_forwarder, create_router
 from tests.conftest import SHUTDOWN_TIMEOUT, UnixServers
+from tests.load import Load
 
 WAIT = 10.0  # the longest any single step of a test may take
 # What every test's proxy tier starts from: no background checks or scrapes (they would
@@ -537,6 +539,28 @@ async def test_panic_counts_the_current_upstreams(
 # -- under load --------------------------------------------------------------------------
 
 
+async def answered(router: Router) -> str:
+    """One request's status, as ``Load`` counts it."""
+    status, _ = await router.get()
+    return str(status)
+
+
+async def remove(router: Router, fake: FakeServer, *, wait_idle: bool) -> None:
+    """Drain, (maybe) wait for nothing in flight, remove, then stop the server."""
+    name = fake.name
+    assert (await router.call("POST", f"/upstreams/{name}/drain"))[0] == 200
+    if wait_idle:  # what the supervisor does, up to its drain timeout
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while (await router.call("GET", f"/upstreams/{name}"))[1]["in_flight"]:
+            assert asyncio.get_running_loop().time() < deadline, f"{name} never drained"
+            await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
+    assert (await router.call("DELETE", f"/upstreams/{name}"))[0] == 200
+    await eventually(
+        lambda: fake.connections.closed == fake.connections.opened, f"{name}'s pool to close"
+    )
+    await fake.stop()
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 async def test_membership_changes_under_load_fail_no_request(
     unix_servers: UnixServers, make_router: MakeRouter, policy: str
@@ -544,48 +568,19 @@ async def test_membership_changes_under_load_fail_no_request(
     fakes = {f"server-0-{i}": FakeServer(f"server-0-{i}", delay=0.002) for i in range(4)}
     specs = {name: await serve(unix_servers, fake) for name, fake in fakes.items()}
     router = await make_router([specs["server-0-0"], specs["server-0-1"]], policy=policy)
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def worker() -> None:
-        for _ in range(5000):  # bounded, whatever happens
-            if stop.is_set():
-                return
-            status, _ = await router.get()
-            statuses.append(status)
-
-    async def remove(name: str, *, wait_idle: bool) -> None:
-        """Drain, (maybe) wait for nothing in flight, remove, then stop the server."""
-        assert (await router.call("POST", f"/upstreams/{name}/drain"))[0] == 200
-        if wait_idle:  # what the supervisor does, up to its drain timeout
-            deadline = asyncio.get_running_loop().time() + WAIT
-            while (await router.call("GET", f"/upstreams/{name}"))[1]["in_flight"]:
-                assert asyncio.get_running_loop().time() < deadline, f"{name} never drained"
-                await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
-        assert (await router.call("DELETE", f"/upstreams/{name}"))[0] == 200
-        fake = fakes[name]
-        await eventually(
-            lambda: fake.connections.closed == fake.connections.opened, f"{name}'s pool to close"
-        )
-        await fake.stop()
-
-    async def progress(count: int) -> None:
-        target = len(statuses) + count
-        await eventually(lambda: len(statuses) >= target, f"{count} more requests")
-
-    workers = [asyncio.create_task(worker()) for _ in range(8)]
-    try:
-        await progress(50)
+    async with Load(partial(answered, router), clients=8) as load:
+        await load.progress(50)
         for name in ("server-0-2", "server-0-3"):
             status, _ = await router.call("POST", "/upstreams", json=body(specs[name]))
             assert status == 201
         await eventually(lambda: fakes["server-0-3"].served > 0, "server-0-3 to take traffic")
-        await remove("server-0-0", wait_idle=True)
-        await progress(50)
-        await remove("server-0-2", wait_idle=False)  # in flight ones finish after removal
-        await progress(50)
+        await remove(router, fakes["server-0-0"], wait_idle=True)
+        await load.progress(50)
+        # In flight ones finish after the removal.
+        await remove(router, fakes["server-0-2"], wait_idle=False)
+        await load.progress(50)
         assert (await router.call("POST", "/upstreams/server-0-1/drain"))[0] == 200
-        await progress(20)
+        await load.progress(20)
         assert (await router.call("POST", "/upstreams/server-0-1/undrain"))[0] == 200
         # The same name again, on a new server.
         fakes["server-0-0"] = FakeServer("server-0-0", delay=0.002)
@@ -593,14 +588,9 @@ async def test_membership_changes_under_load_fail_no_request(
         status, _ = await router.call("POST", "/upstreams", json=body(again))
         assert status == 201
         await eventually(lambda: fakes["server-0-0"].served > 0, "the new server-0-0 to serve")
-        await progress(50)
-    finally:
-        stop.set()
-        async with asyncio.timeout(WAIT):
-            await asyncio.gather(*workers)
-    assert len(statuses) >= 250
-    failed = [status for status in statuses if status != 200]
-    assert failed == [], f"{len(failed)} of {len(statuses)} requests failed"
+        await load.progress(50)
+    assert load.seen.total() >= 250
+    assert set(load.seen) == {"200"}, f"outcomes of {load.seen.total()} requests: {load.seen}"
     assert sorted(await router.upstreams()) == ["server-0-0", "server-0-1", "server-0-3"]
     assert all(not fake.connections.errors for fake in fakes.values())
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lbstack.address import Address
-from lbstack.client import fetch
-from tests.harness import Stack, cli, running_stack, statuses, steady_load, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, statuses, steady_load, until
 
 # Quick slow start and checks so a new server takes traffic within a second or two.
 FAST = """
@@ -18,11 +17,9 @@ interval = "200ms"
 """
 
 
-async def _servers(stack: Stack, group: str) -> list[str]:
+async def _servers(stack: RunningStack, group: str) -> list[str]:
     status = await stack.status()
-    return [
-        c["name"] for c in status["components"] if c["role"] == "server" and c["group"] == group
-    ]
+    return [c.name for c in status.components if c.role == "server" and c.group == group]
 
 
 async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
@@ -48,16 +45,15 @@ async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
         assert out.returncode == 0, out.stderr
         assert await _servers(stack, "proxy-0") == ["server-0-0", "server-0-1"]
         assert not (stack.run_dir / "server-0-2.sock").exists()
-        proxy = await stack.admin("proxy-0")
-        assert [u["name"] for u in proxy["upstreams"]] == ["server-0-0", "server-0-1"]
+        upstreams = await stack.admin("proxy-0").upstreams()
+        assert [u.name for u in upstreams] == ["server-0-0", "server-0-1"]
         before = sum(seen.values())
 
         async def more_traffic() -> bool:
             return sum(seen.values()) > before + 200
 
         await until(more_traffic, "traffic after the shrink")
-        _, raw = await fetch(Address.unix(str(stack.run_dir / "control.sock")), "/metrics")
-        metrics = raw.decode()
+        metrics = await stack.control.metrics()
         for direction, count in (("up", 2), ("down", 3)):
             assert (
                 f'lbstack_scale_events_total{{direction="{direction}",group="proxy-0",'
@@ -75,7 +71,7 @@ async def test_drain_and_undrain_by_hand() -> None:
         run_dir = str(stack.run_dir)
         out = await cli("drain", "server-1-1", "--run-dir", run_dir)
         assert out.returncode == 0, out.stderr
-        assert (await stack.component("server-1-1"))["state"] == "draining"
+        assert (await stack.component("server-1-1")).state == "draining"
         mark = seen["200:server-1-1"]
         total = sum(seen.values())
 
@@ -91,7 +87,7 @@ async def test_drain_and_undrain_by_hand() -> None:
             return seen["200:server-1-1"] > mark
 
         await until(back, "server-1-1 to take traffic again")
-        assert (await stack.component("server-1-1"))["state"] == "ready"
+        assert (await stack.component("server-1-1")).state == "ready"
     assert statuses(seen) == {"200"}, seen
 
 
@@ -116,7 +112,7 @@ async def test_draining_the_last_upstream_of_a_router_needs_force() -> None:
         out = await cli("drain", "server-0-1", "--run-dir", run_dir)
         assert out.returncode == 1, out.stdout
         assert "would leave proxy-0 nothing to send requests to" in out.stderr, out.stderr
-        assert (await stack.component("server-0-1"))["state"] == "ready"
+        assert (await stack.component("server-0-1")).state == "ready"
         async with stack.session() as client:
             for _ in range(8):  # proxy-0 still serves, through server-0-1
                 async with client.get("/") as response:
@@ -127,4 +123,4 @@ async def test_draining_the_last_upstream_of_a_router_needs_force() -> None:
         assert out.returncode == 1 and "would leave balancer-0" in out.stderr, out.stderr
         out = await cli("drain", "--force", "server-0-1", "--run-dir", run_dir)
         assert out.returncode == 0, out.stderr
-        assert (await stack.component("server-0-1"))["state"] == "draining"
+        assert (await stack.component("server-0-1")).state == "draining"

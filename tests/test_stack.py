@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
-import signal
 import socket
 import sys
 from collections import Counter
@@ -17,28 +17,20 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.harness import (
-    Stack,
-    cli,
-    running_stack,
-    serving,
-    short_tmpdir,
-    statuses,
-    steady_load,
-    until,
-)
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, serving, short_tmpdir, statuses, steady_load, until
 
 SERVERS = {f"server-{p}-{s}" for p in range(2) for s in range(3)}
 
 
 @pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
+async def stack() -> AsyncIterator[RunningStack]:
     # Round robin: these tests check that every server is reachable, not routing.
     async with running_stack("--policy", "round_robin") as running:
         yield running
 
 
-async def _served_by(stack: Stack, count: int) -> Counter[str]:
+async def _served_by(stack: RunningStack, count: int) -> Counter[str]:
     seen: Counter[str] = Counter()
     async with stack.session() as client:
         for _ in range(count):
@@ -48,7 +40,9 @@ async def _served_by(stack: Stack, count: int) -> Counter[str]:
     return seen
 
 
-async def _reach_all(stack: Stack, servers: set[str] = SERVERS, timeout: float = 30.0) -> None:
+async def _reach_all(
+    stack: RunningStack, servers: set[str] = SERVERS, timeout: float = 30.0
+) -> None:
     """Send requests until every one of ``servers`` has answered one (health checks may
     keep a just-restarted upstream out for a moment)."""
     seen: set[str] = set()
@@ -60,13 +54,13 @@ async def _reach_all(stack: Stack, servers: set[str] = SERVERS, timeout: float =
             raise AssertionError(f"only {sorted(seen)} answered within {timeout}s")
 
 
-async def test_every_server_is_reached_through_the_balancer(stack: Stack) -> None:
+async def test_every_server_is_reached_through_the_balancer(stack: RunningStack) -> None:
     assert "curl --unix-socket" in stack.banner
     seen = await _served_by(stack, 60)
     assert set(seen) == SERVERS
 
 
-async def test_requests_and_bodies_come_back_intact(stack: Stack) -> None:
+async def test_requests_and_bodies_come_back_intact(stack: RunningStack) -> None:
     async with stack.session() as client:
         async with client.get("/a/b?x=1&y=%20z", headers={"X-Custom": "v"}) as response:
             echo = await response.json()
@@ -100,12 +94,12 @@ async def test_requests_and_bodies_come_back_intact(stack: Stack) -> None:
 
 @pytest.mark.parametrize("victim", ["server-0-1", "proxy-1", "balancer-0"])
 async def test_a_killed_child_is_restarted_and_the_stack_keeps_answering(
-    stack: Stack, victim: str
+    stack: RunningStack, victim: str
 ) -> None:
     before = await stack.component(victim)
-    os.kill(before["pid"], signal.SIGKILL)
-    after = await stack.wait_for(victim, not_pid=before["pid"])
-    assert after["restarts"] == before["restarts"] + 1
+    await stack.kill(victim)
+    after = await stack.wait_for(victim, not_pid=before.pid)
+    assert after.restarts == before.restarts + 1
     await _reach_all(stack)
     assert "died: killed by SIGKILL" in stack.logs()
 
@@ -113,7 +107,7 @@ async def test_a_killed_child_is_restarted_and_the_stack_keeps_answering(
 async def test_sigterm_leaves_no_process_and_no_socket_file() -> None:
     async with running_stack() as stack:
         status = await stack.status()
-        pids = [c["pid"] for c in status["components"]]
+        pids = [c.pid for c in status.components]
         assert len(pids) == 1 + 1 + 2 + 6
         assert sorted(p.name for p in stack.run_dir.glob("*.sock")) == sorted(
             ["balancer.sock", "control.sock", "balancer-0.admin.sock"]
@@ -127,12 +121,14 @@ async def test_sigterm_leaves_no_process_and_no_socket_file() -> None:
         assert not [
             pid
             for pid in pids
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            if pid is not None
+            and psutil.pid_exists(pid)
+            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         ]
 
 
 async def test_malformed_and_oversize_requests_get_4xx_and_the_balancer_keeps_serving(
-    stack: Stack,
+    stack: RunningStack,
 ) -> None:
     async def raw(payload: bytes) -> bytes:
         reader, writer = await asyncio.open_unix_connection(stack.socket)
@@ -150,8 +146,10 @@ async def test_malformed_and_oversize_requests_get_4xx_and_the_balancer_keeps_se
     await _reach_all(stack)
 
 
-async def test_status_json_has_the_contract_fields(stack: Stack) -> None:
-    status = await stack.status()
+async def test_status_json_has_the_contract_fields(stack: RunningStack) -> None:
+    out = await cli("status", "--json", "--run-dir", str(stack.run_dir))
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
     assert status["run_dir"] == str(stack.run_dir)
     by_name = {c["name"]: c for c in status["components"]}
     assert by_name["supervisor"]["role"] == "supervisor"
@@ -168,7 +166,7 @@ async def test_status_json_has_the_contract_fields(stack: Stack) -> None:
     assert "server-1-2" in table.stdout and "ready" in table.stdout
 
 
-async def test_fault_injection_through_the_cli(stack: Stack) -> None:
+async def test_fault_injection_through_the_cli(stack: RunningStack) -> None:
     run_dir = str(stack.run_dir)
     out = await cli("fault", "server-0-0", "error_rate=1", "--run-dir", run_dir)
     assert out.returncode == 0, out.stderr
@@ -185,14 +183,16 @@ async def test_fault_injection_through_the_cli(stack: Stack) -> None:
     assert unknown.returncode != 0 and "no simulated server named 'server-9-9'" in unknown.stderr
     before = await stack.component("server-0-0")
     assert (await cli("fault", "server-0-0", "crash", "--run-dir", run_dir)).returncode == 0
-    await stack.wait_for("server-0-0", not_pid=before["pid"])
+    await stack.wait_for("server-0-0", not_pid=before.pid)
     # A restarted server starts from its configured behaviour again.
     await _reach_all(stack)
 
 
-async def test_a_one_gib_upload_streams_with_bounded_memory(stack: Stack) -> None:
+async def test_a_one_gib_upload_streams_with_bounded_memory(stack: RunningStack) -> None:
     status = await stack.status()
-    pids = {c["name"]: c["pid"] for c in status["components"] if c["role"] != "supervisor"}
+    pids = {
+        c.name: c.pid for c in status.components if c.pid is not None and c.role != "supervisor"
+    }
     baseline = {name: psutil.Process(pid).memory_info().rss for name, pid in pids.items()}
     chunk = os.urandom(1 << 20)
     total = 1024
@@ -252,7 +252,7 @@ async def test_refuses_to_clobber_a_live_socket_or_a_busy_port() -> None:
         out = await cli("up", "--run-dir", str(stack.run_dir), "--metrics-listen", "off")
         assert out.returncode == 1
         assert "a live server is already listening" in out.stderr
-        assert (await stack.component("balancer-0"))["state"] == "ready"
+        assert (await stack.component("balancer-0")).state == "ready"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -309,11 +309,12 @@ async def test_a_server_that_served_is_restarted_for_as_long_as_it_cannot_start(
         "--no-control-socket --workers 1; }'\"\n"
     )
     async with running_stack(config=config) as stack:
-        first = next(c for c in (await stack.status())["components"] if c["name"] == "server-0-0")
-        left = [p for p in psutil.Process(first["pid"]).children() if p.name() == "sleep"]
+        first = await stack.component("server-0-0")
+        assert first.pid is not None
+        left = [p for p in psutil.Process(first.pid).children() if p.name() == "sleep"]
         assert len(left) == 1, left
         gate.unlink()
-        os.kill(first["pid"], signal.SIGKILL)
+        await stack.kill("server-0-0")
 
         async def retried() -> bool:
             return "server-0-0 failed 2 times in a row" in stack.logs()
@@ -348,9 +349,8 @@ async def test_a_server_that_served_is_restarted_for_as_long_as_it_cannot_start(
         gate.touch()
 
         async def back() -> bool:
-            status = await stack.status()
-            server = next(c for c in status["components"] if c["name"] == "server-0-0")
-            return bool(server["state"] == "ready" and server["pid"] != first["pid"])
+            server = await stack.component("server-0-0")
+            return server.state == "ready" and server.pid != first.pid
 
         await until(back, "server-0-0 to be ready again")
         assert stack.process.returncode is None, stack.logs()
@@ -411,8 +411,8 @@ async def test_two_balancers_share_the_socket_and_one_dying_refuses_nobody() -> 
                 return sum(seen.values()) > more
 
             await until(lambda: traffic(200), "traffic through both balancers")
-            os.kill(victim["pid"], signal.SIGKILL)
-            await stack.wait_for("balancer-1", not_pid=victim["pid"])
+            await stack.kill("balancer-1")
+            await stack.wait_for("balancer-1", not_pid=victim.pid)
             mark = sum(seen.values()) + 200
             await until(lambda: traffic(mark), "traffic after the replacement")
         outcomes = Counter(key.split(":")[0] for key in seen.elements())

@@ -29,8 +29,9 @@ from lbstack.client import fetch
 from lbstack.config import TLSConfig, UpstreamTLS
 from lbstack.errors import ConfigError
 from lbstack.metrics import parse
+from lbstack.testing import RunningStack, running_stack
 from tests.certs import CA, Pair
-from tests.harness import Stack, cli, running_stack, short_tmpdir, until
+from tests.harness import cli, short_tmpdir, until
 
 TOPOLOGY = ("--proxies", "1", "--servers-per-proxy", "1")
 
@@ -155,12 +156,14 @@ async def curl(*args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-def config_file(stack: Stack) -> Path:
+def config_file(stack: RunningStack) -> Path:
     return stack.run_dir.parent / "lbstack.toml"
 
 
-async def balancer_pid(stack: Stack) -> int:
-    return int((await stack.component("balancer-0"))["pid"])
+async def balancer_pid(stack: RunningStack) -> int:
+    pid = (await stack.component("balancer-0")).pid
+    assert pid is not None
+    return pid
 
 
 # ---- HTTPS at the front ----------------------------------------------------------------
@@ -215,7 +218,7 @@ async def test_an_https_listener_serves_each_name_its_certificate(pki: PKI) -> N
         # The expiry of each certificate, as a gauge on the balancer.
         samples = [
             (labels, value)
-            for name, labels, value in parse(await stack.admin_text("balancer-0"))
+            for name, labels, value in parse(await stack.admin("balancer-0").metrics())
             if name == "lbstack_tls_certificate_expiry_timestamp_seconds"
         ]
         assert {labels["certificate"]: value for labels, value in samples} == {
@@ -225,7 +228,7 @@ async def test_an_https_listener_serves_each_name_its_certificate(pki: PKI) -> N
         assert {(labels["role"], labels["instance"]) for labels, _ in samples} == {
             ("balancer", "balancer-0")
         }
-        view = await stack.admin("balancer-0", "/tls")
+        view = await stack.admin("balancer-0").request("GET", "/tls")
         assert [c["names"] for c in view["certificates"]] == [["a.test", "www.a.test"], ["b.test"]]
 
 
@@ -365,7 +368,7 @@ def address_groups(*servers: TLSServer) -> str:
     )
 
 
-async def through_proxy(stack: Stack, proxy: str) -> tuple[int, bytes]:
+async def through_proxy(stack: RunningStack, proxy: str) -> tuple[int, bytes]:
     """GET / on ``proxy``'s data socket."""
     return await fetch(Address.unix(str(stack.run_dir / f"{proxy}.sock")), "/")
 
@@ -392,8 +395,8 @@ async def test_proxies_reach_https_servers_with_tls_and_mtls(pki: PKI) -> None:
 
         await until(checked, "a health check of each server, over TLS")
         for proxy, server in (("proxy-0", "server-0-0"), ("proxy-1", "server-1-0")):
-            view = await stack.admin(proxy, f"/upstreams/{server}")
-            assert view["healthy"] is True, view
+            view = await stack.admin(proxy).upstream(server)
+            assert view.healthy is True, view
         async with stack.session() as client:
             for _ in range(6):
                 async with client.get("/") as response:
@@ -417,10 +420,10 @@ async def test_a_wrong_ca_or_a_missing_client_certificate_is_a_502(pki: PKI) -> 
 
         async def unhealthy() -> bool:  # the health checks fail the same way
             views = [
-                await stack.admin(proxy, f"/upstreams/{server}")
+                await stack.admin(proxy).upstream(server)
                 for proxy, server in (("proxy-0", "server-0-0"), ("proxy-1", "server-1-0"))
             ]
-            return not any(view["healthy"] for view in views)
+            return not any(view.healthy for view in views)
 
         await until(unhealthy, "both servers out after failed checks")
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
 from collections import Counter
 
@@ -12,7 +10,8 @@ import aiohttp
 import pytest
 
 from lbstack.metrics import parse
-from tests.harness import Stack, cli, running_stack, until
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, router_status, until
 
 WAIT = 15.0
 
@@ -24,8 +23,8 @@ def free_port() -> int:
         return port
 
 
-async def tunnels_total(stack: Stack, name: str, result: str = "opened") -> float:
-    text = await stack.admin_text(name)
+async def tunnels_total(stack: RunningStack, name: str, result: str = "opened") -> float:
+    text = await stack.admin(name).metrics()
     return sum(
         value
         for metric, labels, value in parse(text)
@@ -78,10 +77,10 @@ async def test_two_hundred_tunnels_held_while_requests_flow() -> None:
                     await response.read()
                     seen[response.status] += 1
             assert seen == Counter({200: 100})
-            status = await stack.admin("balancer-0")
-            assert status["tunnels"]["open"] == 200
+            status = await router_status(stack, "balancer-0")
+            assert status.tunnels is not None and status.tunnels.open == 200
             # Tunnels count as load: every proxy holds some of them.
-            proxies = [u["in_flight"] for u in status["upstreams"]]
+            proxies = [u.in_flight for u in status.upstreams]
             assert sum(proxies) == 200 and min(proxies) > 0, proxies
             await asyncio.gather(*(echo(ws, f"still here {i}") for i, ws in enumerate(sockets)))
             out = await cli("status", "--run-dir", str(stack.run_dir))
@@ -93,7 +92,8 @@ async def test_two_hundred_tunnels_held_while_requests_flow() -> None:
             await asyncio.gather(*(ws.close() for ws in sockets))
 
         async def all_closed() -> bool:
-            return bool((await stack.admin("balancer-0"))["tunnels"]["open"] == 0)
+            tunnels = (await router_status(stack, "balancer-0")).tunnels
+            return tunnels is not None and tunnels.open == 0
 
         await until(all_closed, "every tunnel to close", WAIT)
 
@@ -124,7 +124,7 @@ async def test_kill_9_of_the_server_ends_the_tunnel_promptly() -> None:
     ):
         await echo(ws, "before")
         server = ws._response.headers["X-Served-By"]
-        os.kill((await stack.component(server))["pid"], signal.SIGKILL)
+        await stack.kill(server)
         message = await asyncio.wait_for(ws.receive(), 5.0)
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), message
 
@@ -140,7 +140,7 @@ async def test_a_tunnel_outlives_a_reload_until_the_graceful_timeout() -> None:
         client.ws_connect("/ws") as old,
     ):
         await echo(old, "before the reload")
-        before = (await stack.component("proxy-0"))["pid"]
+        before = (await stack.component("proxy-0")).pid
         (stack.run_dir.parent / "lbstack.toml").write_text(
             config.replace("p2c_ewma", "least_outstanding")
         )

@@ -4,7 +4,6 @@ children, and the children roll onto the new code, losing no request (real proce
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -12,14 +11,16 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from tests.harness import Stack, cli, running_stack, serving, short_tmpdir, steady_load, until
+from lbstack.api import ComponentStatus
+from lbstack.testing import RunningStack, running_stack
+from tests.harness import cli, router_status, serving, short_tmpdir, steady_load, until
 from tests.test_reload import only_200s, pids, served_after
 
 TOPOLOGY = ("--proxies", "2", "--servers-per-proxy", "2")
 SOURCE = Path(__file__).resolve().parent.parent / "app" / "lbstack"
 
 
-async def _supervisor(stack: Stack) -> dict[str, object]:
+async def _supervisor(stack: RunningStack) -> ComponentStatus:
     return await stack.component("supervisor")
 
 
@@ -36,7 +37,7 @@ async def test_upgrade_re_executes_the_supervisor_and_rolls_the_children_losing_
         only_200s(seen)
         after = await pids(stack)
         assert after["supervisor"] == before["supervisor"]  # the same process, re-executed
-        assert (await _supervisor(stack))["upgrades"] == 1
+        assert (await _supervisor(stack)).upgrades == 1
         children = set(before) - {"supervisor"}
         assert set(after) == set(before)
         assert all(before[n] != after[n] for n in children), (before, after)
@@ -59,17 +60,12 @@ async def test_a_re_executed_supervisor_adopts_its_children_and_still_supervises
             await served_after(stack, seen, 50)
         only_200s(seen)
         assert await pids(stack) == before  # every child adopted, none restarted
-        assert (await stack.component("server-1-1"))["state"] == "draining"
-        assert (await stack.component("server-0-2"))["state"] == "ready"
+        assert (await stack.component("server-1-1")).state == "draining"
+        assert (await stack.component("server-0-2")).state == "ready"
 
         # An adopted child that dies is seen (through its pidfd) and restarted.
-        os.kill(before["server-0-0"], signal.SIGKILL)
-
-        async def restarted() -> bool:
-            server = await stack.component("server-0-0")
-            return bool(server["state"] == "ready" and server["pid"] != before["server-0-0"])
-
-        await until(restarted, "the adopted server-0-0 to be restarted")
+        await stack.kill("server-0-0")
+        await stack.wait_for("server-0-0", not_pid=before["server-0-0"])
         assert "server-0-0 died: killed by SIGKILL" in stack.logs()
 
         # And the re-executed supervisor stops them all, as the one before would have.
@@ -96,11 +92,11 @@ async def test_a_broken_install_is_refused_and_the_stack_runs_on() -> None:
         assert "upgrade refused, the stack runs on unchanged" in out.stderr, out.stderr
         assert "SyntaxError" in out.stderr, out.stderr
         assert await pids(stack) == before
-        assert (await _supervisor(stack))["upgrades"] == 0
+        assert (await _supervisor(stack)).upgrades == 0
         child.write_text(good)
         out = await cli("upgrade", "--supervisor-only", *run_dir, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert (await _supervisor(stack))["upgrades"] == 1
+        assert (await _supervisor(stack)).upgrades == 1
     shutil.rmtree(code, ignore_errors=True)
 
 
@@ -141,8 +137,8 @@ async def test_sighups_during_the_upgrade_are_kept_and_acted_on_after_it() -> No
         await until(both, "both SIGHUPs acted on", timeout=60)
         assert "reload done" in stack.logs()
         assert stack.process.returncode is None, stack.logs()
-        assert (await stack.admin("proxy-0"))["policy"] == "least_outstanding"
-        assert (await _supervisor(stack))["upgrades"] == 1
+        assert (await router_status(stack, "proxy-0")).policy == "least_outstanding"
+        assert (await _supervisor(stack)).upgrades == 1
 
 
 async def test_a_supervisor_from_before_upgrades_gets_a_clear_answer() -> None:

@@ -2,14 +2,22 @@
 
 ``GET /metrics``, ``/healthz``, ``/readyz`` and ``/status`` are a contract; roles add
 their own mutating routes (POST/PUT) to the app this returns.
+
+On a unix socket the file's mode (0600) says who may use it. Over TCP (a tier serving
+other hosts) every request but ``GET /healthz`` and ``GET /readyz`` must carry the
+stack's token (``Authorization: Bearer <token>``, ``[admin] token_file``); the clients
+in this package send it with ``bearer``. Without a token (allowed on loopback only),
+TCP serves reading and refuses every change (``require_token``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lbstack.httpserver import DataPlane
@@ -66,3 +74,48 @@ def create_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", get_status)
     return app
+
+
+# What a TCP admin API answers without the token: probes reveal nothing and change nothing.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The headers that carry ``token`` to an admin API (none without a token)."""
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def require_token(token: str | None) -> Middleware:
+    """Middleware guarding an admin API that also listens on TCP.
+
+    Over TCP every request but GET on the probes must carry ``token``; with no token
+    configured (a loopback-only tier: the config refuses any other bind without one),
+    reading is let through and nothing that changes anything is. On a unix socket (its
+    file mode guards it) every request goes through."""
+    expected = None if token is None else f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        over_tcp = transport is not None and isinstance(transport.get_extra_info("sockname"), tuple)
+        reading = request.method in ("GET", "HEAD")
+        if not over_tcp or (reading and request.path in OPEN_PATHS):
+            return await handler(request)
+        if expected is None:
+            if reading:
+                return await handler(request)
+            return web.json_response(
+                {"error": "changes over TCP need [admin] token_file; use the admin socket"},
+                status=403,
+            )
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response(
+                {"error": "expected Authorization: Bearer <the stack's admin token>"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="lbstack admin"'},
+            )
+        return await handler(request)
+
+    return check

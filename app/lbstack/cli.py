@@ -12,23 +12,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import uvloop
 from rich.console import Console
 from rich.live import Live
 
 from lbstack import config as configuration
 from lbstack import statusview
-from lbstack.address import Address, parse_address
-from lbstack.client import fetch_json
-from lbstack.errors import ConfigError, ControlError, LbstackError
+from lbstack.api import ComponentStatus, Response, RouterStatus, StackStatus
+from lbstack.client import AdminClient, ControlClient
+from lbstack.errors import (
+    APIConnectionError,
+    APIStatusError,
+    ConfigError,
+    ControlError,
+    LbstackError,
+)
 from lbstack.log import setup
-from lbstack.rundir import RunDir
-from lbstack.supervisor.arbiter import Supervisor
+from lbstack.supervisor.arbiter import Arbiter
 from lbstack.supervisor.upgrade import take_state
 
 FAULT_FLAGS = ("hang", "crash", "clear")
-CONTROL_TIMEOUT = 900.0  # a rolling restart of a big stack takes a while
 UPGRADE_TIMEOUT = 60.0  # for a re-executed supervisor to answer again
 
 
@@ -41,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the stack in the foreground (Ctrl-C stops it)")
     up.add_argument("--config", type=Path, help="TOML config file")
     up.add_argument("--run-dir", type=Path, help="where the sockets live")
+    up.add_argument(
+        "--tier",
+        choices=("all", "balancer", "proxy", "server"),
+        help="run one tier of a stack over several hosts (default: all, the whole stack)",
+    )
     up.add_argument("--balancers", type=int, help="balancer processes")
     up.add_argument("--proxies", type=int, help="reverse proxies (server groups)")
     up.add_argument("--servers-per-proxy", type=int, help="servers behind each proxy")
@@ -162,7 +170,7 @@ def _run_dir_option(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for flag in ("balancers", "proxies", "servers_per_proxy"):
+    for flag in ("tier", "balancers", "proxies", "servers_per_proxy"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.run_dir is not None:
@@ -183,7 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = configuration.load(args.config, overrides) if resume is None else resume.config
     setup(config.supervisor.log_level, "supervisor")
     _raise_open_files_limit()
-    supervisor = Supervisor(
+    supervisor = Arbiter(
         config, source=lambda: configuration.load(args.config, overrides), resume=resume
     )
     return uvloop.run(supervisor.run())
@@ -198,42 +206,40 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _control(args: argparse.Namespace) -> Address:
+def _control(args: argparse.Namespace) -> ControlClient:
     path = args.run_dir if args.run_dir is not None else configuration.default_run_dir()
-    return RunDir(path).control
+    return ControlClient(path)
 
 
-async def _get_status(control: Address) -> dict[str, Any]:
+async def _get_status(control: ControlClient) -> StackStatus:
     try:
-        status, body = await fetch_json(control, "/status")
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return await control.status()
+    except APIConnectionError as exc:
         raise ControlError(
-            f"no stack answers on {control} ({exc.__class__.__name__}); is `lbstack up` running "
-            "with this --run-dir?"
+            f"no stack answers on {control.address} ({exc.__cause__.__class__.__name__}); is "
+            "`lbstack up` running with this --run-dir?"
         ) from exc
-    if status != 200:
-        raise ControlError(f"{control} answered {status}: {body}")
-    return dict(body)
+    except APIStatusError as exc:
+        raise ControlError(f"{control.address} answered {exc.status}: {exc.body}") from exc
 
 
 async def _component_status(args: argparse.Namespace) -> int:
     """``lbstack status proxy-0``: one component's own /status."""
     status = await _get_status(_control(args))
-    named = {c["name"]: c for c in status["components"]}
+    named = {c.name: c for c in status.components if c.admin is not None and c.role != "supervisor"}
     target = named.get(args.component)
-    if target is None or not target.get("admin") or target["role"] == "supervisor":
-        known = ", ".join(n for n, c in named.items() if c.get("admin") and n != "supervisor")
-        raise ControlError(f"no component named {args.component!r}; components: {known}")
+    if target is None or target.admin is None:
+        raise ControlError(f"no component named {args.component!r}; components: {', '.join(named)}")
     try:
-        code, body = await fetch_json(parse_address(target["admin"]), "/status")
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ControlError(f"{args.component} did not answer: {exc!r}") from exc
-    if code != 200:
-        raise ControlError(f"{args.component} answered {code}: {body}")
-    if args.json or "upstreams" not in body:
-        print(json.dumps(body, indent=2))
+        view = await AdminClient(target.admin).status()
+    except APIConnectionError as exc:
+        raise ControlError(f"{args.component} did not answer: {exc.__cause__!r}") from exc
+    except APIStatusError as exc:
+        raise ControlError(f"{args.component} answered {exc.status}: {exc.body}") from exc
+    if args.json or not isinstance(view, RouterStatus):
+        print(json.dumps(view.to_json(), indent=2))
     else:
-        Console().print(statusview.render_router(body))
+        Console().print(statusview.render_router(view.to_json()))
     return 0
 
 
@@ -242,21 +248,21 @@ async def _status(args: argparse.Namespace) -> int:
         return await _component_status(args)
     control = _control(args)
     if args.json:
-        print(json.dumps(await _get_status(control), indent=2))
+        print(json.dumps((await _get_status(control)).to_json(), indent=2))
         return 0
     console = Console()
-    status = await _get_status(control)
+    status = (await _get_status(control)).to_json()
     before = await statusview.read(status["components"])
     if not args.watch:
         await asyncio.sleep(args.interval)  # rates need two readings
-        status = await _get_status(control)
+        status = (await _get_status(control)).to_json()
         after = await statusview.read(status["components"])
         console.print(statusview.render(status, _loads(before, after)))
         return 0
     with Live(console=console, auto_refresh=False, screen=console.is_terminal) as live:
         while True:
             await asyncio.sleep(args.interval)
-            status = await _get_status(control)
+            status = (await _get_status(control)).to_json()
             after = await statusview.read(status["components"])
             live.update(statusview.render(status, _loads(before, after)), refresh=True)
             before = after
@@ -291,54 +297,52 @@ def parse_fault(changes: Sequence[str]) -> dict[str, Any]:
 async def _fault(args: argparse.Namespace) -> int:
     body = parse_fault(args.changes)
     status = await _get_status(_control(args))
-    servers = {c["name"]: c for c in status["components"] if c["role"] == "server"}
+    servers = {c.name: c for c in status.components if c.role == "server"}
     target = servers.get(args.server)
-    if target is None or target["admin"] is None:
-        simulated = ", ".join(n for n, c in servers.items() if c["admin"]) or "none"
+    if target is None or target.admin is None:
+        simulated = ", ".join(n for n, c in servers.items() if c.admin) or "none"
         raise ControlError(
             f"no simulated server named {args.server!r}; simulated servers: {simulated}"
         )
-    admin = parse_address(target["admin"])
+    admin = AdminClient(target.admin)
     try:
-        code, answer = await fetch_json(admin, "/fault", method="POST", body=body)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        answer = await admin.fault(body)
+    except APIConnectionError as exc:
         if body.get("crash"):
             print(f"{args.server}: crashed")
             return 0
-        raise ControlError(f"{args.server} did not answer on {admin}: {exc!r}") from exc
-    if code >= 400:
-        raise ControlError(f"{args.server} refused the change: {answer.get('error', answer)}")
-    print(f"{args.server}: {json.dumps(answer)}")
+        raise ControlError(
+            f"{args.server} did not answer on {admin.address}: {exc.__cause__!r}"
+        ) from exc
+    except APIStatusError as exc:
+        raise ControlError(f"{args.server} refused the change: {exc.message}") from exc
+    print(f"{args.server}: {json.dumps(answer.to_json())}")
     return 0
 
 
 async def _membership(args: argparse.Namespace) -> int:
     """``lbstack scale``, ``drain``, ``undrain``, ``reload`` and ``restart``: one POST to
     the control socket, answered once the change is done."""
-    body: dict[str, Any]
-    if args.command == "scale":
-        path, body = "/scale", {"group": args.group, "servers": args.servers}
-    elif args.command == "reload":
-        path, body = "/reload", {"dry_run": args.dry_run}
-    elif args.command == "restart":
-        path, body = "/restart", {"names": args.names}
-    elif args.command == "drain":
-        path, body = "/drain", {"name": args.name, "force": args.force}
-    else:
-        path, body = f"/{args.command}", {"name": args.name}
     control = _control(args)
+    answer: Response
     try:
-        code, answer = await fetch_json(
-            control, path, method="POST", body=body, timeout=CONTROL_TIMEOUT
-        )
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
-    if code != 200:
-        message = answer.get("error", answer) if isinstance(answer, dict) else answer
-        if code == 422:  # the new config is invalid
-            raise ConfigError(list(answer.get("problems") or [message]))
-        raise ControlError(message)
-    print(json.dumps(answer))
+        if args.command == "scale":
+            answer = await control.scale(args.group, args.servers)
+        elif args.command == "reload":
+            answer = await control.reload(dry_run=args.dry_run)
+        elif args.command == "restart":
+            answer = await control.restart(args.names)
+        elif args.command == "drain":
+            answer = await control.drain(args.name, force=args.force)
+        else:
+            answer = await control.undrain(args.name)
+    except APIConnectionError as exc:
+        raise ControlError(f"no stack answers on {control.address} ({exc.__cause__!r})") from exc
+    except APIStatusError as exc:
+        if exc.status == 422:  # the new config is invalid
+            raise ConfigError([str(p) for p in exc.problems] or [exc.message]) from exc
+        raise ControlError(exc.message) from exc
+    print(json.dumps(answer.to_json()))
     return 0
 
 
@@ -349,51 +353,53 @@ async def _upgrade(args: argparse.Namespace) -> int:
     control = _control(args)
     before = _supervisor_entry(await _get_status(control))
     try:
-        code, answer = await fetch_json(control, "/upgrade", method="POST", body={})
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ControlError(f"no stack answers on {control} ({exc!r})") from exc
-    if code == 404:  # a supervisor from before `lbstack upgrade` existed
-        raise ControlError(
-            "the running supervisor predates `lbstack upgrade`: `lbstack restart --rolling` "
-            "puts the new code in every child, and the supervisor takes it at its next start"
-        )
-    if code != 200:
-        raise ControlError(answer.get("error", answer) if isinstance(answer, dict) else answer)
-    deadline = asyncio.get_running_loop().time() + UPGRADE_TIMEOUT
-    while True:  # until the new image answers
-        with contextlib.suppress(ControlError):
-            status = await _get_status(control)
-            if _supervisor_entry(status)["upgrades"] > before["upgrades"]:
-                break
-        if asyncio.get_running_loop().time() > deadline:
-            raise ControlError(f"the supervisor did not come back within {UPGRADE_TIMEOUT:.0f}s")
-        await asyncio.sleep(0.1)
+        started = await control.upgrade()
+    except APIConnectionError as exc:
+        raise ControlError(f"no stack answers on {control.address} ({exc.__cause__!r})") from exc
+    except APIStatusError as exc:
+        if exc.status == 404:  # a supervisor from before `lbstack upgrade` existed
+            raise ControlError(
+                "the running supervisor predates `lbstack upgrade`: `lbstack restart --rolling` "
+                "puts the new code in every child, and the supervisor takes it at its next start"
+            ) from exc
+        raise ControlError(exc.message) from exc
+    status = await _upgraded(control, before.upgrades)
     result: dict[str, Any] = {
-        "supervisor": {
-            "pid": answer["upgrading"],
-            "upgrades": _supervisor_entry(status)["upgrades"],
-        }
+        "supervisor": {"pid": started.upgrading, "upgrades": _supervisor_entry(status).upgrades}
     }
     if not args.supervisor_only:
         ours = [
-            c["name"]
-            for c in status["components"]
-            if c["role"] != "supervisor" and c.get("admin") and c["state"] != "external"
+            c.name
+            for c in status.components
+            if c.role != "supervisor" and c.admin is not None and c.state != "external"
         ]
-        code, restarted = await fetch_json(
-            control, "/restart", method="POST", body={"names": ours}, timeout=CONTROL_TIMEOUT
-        )
-        if code != 200:
-            raise ControlError(f"supervisor upgraded; rolling the children failed: {restarted}")
-        result.update(restarted)
+        try:
+            restarted = await control.restart(ours)
+        except APIStatusError as exc:
+            raise ControlError(
+                f"supervisor upgraded; rolling the children failed: {exc.body}"
+            ) from exc
+        result.update(restarted.to_json())
     print(json.dumps(result))
     return 0
 
 
-def _supervisor_entry(status: dict[str, Any]) -> dict[str, Any]:
-    entry = dict(next(c for c in status["components"] if c["role"] == "supervisor"))
-    entry.setdefault("upgrades", 0)  # not said by a supervisor from before upgrades
-    return entry
+async def _upgraded(control: ControlClient, upgrades: int) -> StackStatus:
+    """The status once the new image answers (it counts one more upgrade)."""
+    deadline = asyncio.get_running_loop().time() + UPGRADE_TIMEOUT
+    while True:
+        with contextlib.suppress(ControlError):
+            status = await _get_status(control)
+            if _supervisor_entry(status).upgrades > upgrades:
+                return status
+        if asyncio.get_running_loop().time() > deadline:
+            raise ControlError(f"the supervisor did not come back within {UPGRADE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+def _supervisor_entry(status: StackStatus) -> ComponentStatus:
+    # ``upgrades`` is 0 when a supervisor from before upgrades does not say it
+    return next(c for c in status.components if c.role == "supervisor")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,16 +12,15 @@ import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from lbstack.config import AddressField, Config
 from lbstack.httpserver import DataPlane
+from lbstack.identity import Role
 
 ENV_VAR = "LBSTACK_CHILD"
-Role = Literal["balancer", "proxy", "server"]
 
 
 class UpstreamSpec(BaseModel):
@@ -48,6 +47,8 @@ class ChildSpec(BaseModel):
     listen_fds: tuple[int, ...]
     tls_fds: tuple[int, ...] = ()  # those of listen_fds served with TLS (https listeners)
     admin_fd: int
+    # The admin API on TCP too (a tier other hosts reach): token required but probes.
+    admin_tcp_fd: int | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()
     peers: tuple[AddressField, ...] = ()  # the other balancers' admin sockets (load exchange)
     parent_pid: int = 0  # the supervisor; the child exits when it goes away
@@ -59,18 +60,6 @@ class ChildSpec(BaseModel):
     @classmethod
     def from_env(cls) -> ChildSpec:
         return cls.model_validate_json(os.environ[ENV_VAR])
-
-
-def balancer_name(index: int) -> str:
-    return f"balancer-{index}"
-
-
-def proxy_name(group: int) -> str:
-    return f"proxy-{group}"
-
-
-def server_name(group: int, index: int) -> str:
-    return f"server-{group}-{index}"
 
 
 @dataclass(frozen=True)

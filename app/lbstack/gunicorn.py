@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,10 +56,11 @@ from pydantic import ValidationError
 
 from lbstack import config as config_module
 from lbstack.address import Address, parse_address
-from lbstack.component import ChildSpec, Component, UpstreamSpec, proxy_name
+from lbstack.component import ChildSpec, Component, UpstreamSpec
 from lbstack.config import Config, TierConfig
 from lbstack.errors import ConfigError
 from lbstack.httpserver import DataPlane
+from lbstack.identity import UPSTREAM_NAME, UPSTREAM_NAME_RULE, ChildId
 from lbstack.log import get_logger, setup
 from lbstack.rundir import RunDir
 
@@ -81,8 +81,6 @@ DRAIN_POLL: Final = 0.05
 _LONGEST_PID: Final = "4194304"
 _ADMIN_FIELDS: Final = ("admin", "health_path")
 # The admin API's rule for upstream names (app.router, not imported here: see above).
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_NAME_RULE: Final = "a name of letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 log = get_logger("gunicorn")
 
@@ -232,7 +230,7 @@ def stack_proxies(config: Config) -> tuple[UpstreamSpec, ...]:
     run_dir = RunDir(config.resolved_run_dir())
     return tuple(
         UpstreamSpec(name=name, address=run_dir.data(name), admin=run_dir.admin(name))
-        for name in (proxy_name(p) for p in range(config.proxies))
+        for name in (ChildId.proxy(p).name for p in range(config.proxies))
     )
 
 
@@ -295,9 +293,9 @@ def parse_upstreams(text: str) -> tuple[tuple[UpstreamSpec, ...], list[str]]:
 
 
 def _check_name(name: str, where: str = NAME_VAR) -> list[str]:
-    if _NAME.fullmatch(name):
+    if UPSTREAM_NAME.fullmatch(name):
         return []
-    return [f"{where}: expected {_NAME_RULE}, found {name!r}"]
+    return [f"{where}: expected {UPSTREAM_NAME_RULE}, found {name!r}"]
 
 
 def _check_keepalive(config: Config) -> list[str]:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from lbstack.address import parse_address
 from lbstack.config import Config
 from lbstack.forwarding.stats import ForwardingCollector, TierStats, UpstreamStats
+from lbstack.identity import ChildId
 from lbstack.metrics import (
     LATENCY_BUCKETS,
     CertificateCollector,
@@ -31,7 +32,6 @@ from lbstack.routing.upstream import Upstream
 from lbstack.supervisor.telemetry import SupervisorMetrics
 
 if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
     from lbstack.supervisor.child import Child
 
 __all__ = ["BEGIN", "COMPONENTS", "END", "Family", "families", "registries", "render"]
@@ -100,12 +100,11 @@ def _server() -> CollectorRegistry:
 
 def _supervisor() -> CollectorRegistry:
     """The supervisor's registry, over a stand-in with one autoscaled group and a child."""
-    child = SimpleNamespace(name="server-0-0", role="server", group=0, state="ready")
-    stand_in = SimpleNamespace(
-        config=Config.model_validate({"proxies": 1, "autoscale": {"enabled": True}}),
-        children={child.name: child},
+    child = SimpleNamespace(
+        name="server-0-0", role="server", id=ChildId.server(0, 0), state="ready"
     )
-    metrics = SupervisorMetrics(cast("Supervisor", stand_in))
+    config = Config.model_validate({"proxies": 1, "autoscale": {"enabled": True}})
+    metrics = SupervisorMetrics(config, lambda: [cast("Child", child)])
     metrics.track(cast("Child", child))
     return metrics.registry
 

@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 
 from lbstack import metric_reference
 from lbstack.address import Address
-from lbstack.config import Config, GroupConfig, parse_duration, parse_size
+from lbstack.config import Config, DnsName, GroupConfig, parse_duration, parse_size
 
 __all__ = ["BEGIN", "END", "PAGES", "Config", "Page", "render", "rows", "splice"]
 
@@ -56,6 +56,9 @@ def _type(field: FieldInfo) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(f'"{a}"' for a in typing.get_args(annotation))
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if any(a is DnsName or typing.get_args(a)[:1] == (DnsName,) for a in args):
+        # DnsName | tuple[Address, ...], or DnsName | None
+        return "addresses or DNS name" if len(args) > 1 else "DNS name"
     if any(a is Address or typing.get_args(a)[:1] == (Address,) for a in args):
         return "address list" if typing.get_origin(annotation) is tuple else "address"
     if annotation is Path or Path in args:

@@ -93,3 +93,10 @@ def from_fd(fd: int) -> socket.socket:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     return sock
+
+
+def bound_address(address: Address, sock: socket.socket) -> Address:
+    """The address actually bound (a tcp port 0 becomes the port the kernel chose)."""
+    if address.is_unix:
+        return address
+    return Address("tcp", host=address.host, port=sock.getsockname()[1])

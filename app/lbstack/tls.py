@@ -38,7 +38,8 @@ from lbstack.errors import ConfigError
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
-    from lbstack.config import Config, TLSConfig, UpstreamTLS
+    from lbstack.config.certificates import TLSConfig, UpstreamTLS
+    from lbstack.config.stack import Config
 
 log = get_logger("tls")
 

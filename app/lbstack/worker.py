@@ -18,17 +18,18 @@ from collections.abc import Callable
 import uvloop
 from aiohttp import web
 
-from lbstack.admin import DATA_SERVER
-from lbstack.component import ChildSpec, Component, Role
+from lbstack.admin import DATA_SERVER, require_token
+from lbstack.component import ChildSpec, Component
 from lbstack.httpserver import DataPlane
+from lbstack.identity import Role
 from lbstack.log import get_logger, setup
 from lbstack.sockets import from_fd
 from lbstack.tiers import balancer, proxy, server
 
 ROLES: dict[Role, Callable[[ChildSpec], Component]] = {
-    "balancer": balancer.create,
-    "proxy": proxy.create,
-    "server": server.create,
+    Role.BALANCER: balancer.create,
+    Role.PROXY: proxy.create,
+    Role.SERVER: server.create,
 }
 PR_SET_PDEATHSIG = 1
 ADMIN_KEEPALIVE = 30.0
@@ -56,6 +57,8 @@ async def serve(spec: ChildSpec, component: Component) -> None:
 
     server = component.data_server()
     component.admin[DATA_SERVER] = server
+    if spec.admin_tcp_fd is not None:
+        component.admin.middlewares.append(require_token(spec.config.admin.token()))
     admin = web.AppRunner(
         component.admin, access_log=None, keepalive_timeout=ADMIN_KEEPALIVE, shutdown_timeout=1.0
     )
@@ -70,7 +73,9 @@ async def serve(spec: ChildSpec, component: Component) -> None:
     for fd in spec.listen_fds:
         tls = component.tls if fd in spec.tls_fds else None
         await web.SockSite(data, from_fd(fd), ssl_context=tls).start()
-    # The admin socket last: once /readyz answers, the data plane is serving.
+    # The admin sockets last: once /readyz answers, the data plane is serving.
+    if spec.admin_tcp_fd is not None:
+        await web.SockSite(admin, from_fd(spec.admin_tcp_fd)).start()
     await web.SockSite(admin, from_fd(spec.admin_fd)).start()
     log.debug("serving %d data socket(s)", len(spec.listen_fds))
 

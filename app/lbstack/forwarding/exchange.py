@@ -42,7 +42,7 @@ from lbstack.log import get_logger
 from lbstack.routing import Upstream
 
 if TYPE_CHECKING:
-    from lbstack.forwarding.forwarder import Forwarder
+    from lbstack.forwarding.hop import Hop
     from lbstack.forwarding.upstreams import Link
 
 log = get_logger("forwarding")
@@ -61,6 +61,7 @@ class Result(Enum):
     TIMED_OUT = "timed out"  # no answer within the per-try timeout
     INVALID = "invalid"  # the upstream answered something that isn't HTTP
     CLIENT = "client"  # the client's side failed (its body): answer ``status``
+    EXPIRED = "expired"  # the sweep cut the try short: answer ``status`` (its phase's)
 
 
 class Outcome:
@@ -93,7 +94,7 @@ class Outcome:
 class Exchanger:
     """Runs exchanges for one ``Forwarder``: its tries, retries and relays."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Hop) -> None:
         tier = forwarder.tier
         self.fw = forwarder
         self._first_byte = tier.timeouts.first_byte
@@ -106,23 +107,23 @@ class Exchanger:
         self._relay = Relay(forwarder)
 
     async def forward(self, ex: Exchange) -> tuple[int, bool]:
-        """Send ``ex`` upstream until an answer can be relayed; relay it."""
+        """Send ``ex`` upstream until an answer can be relayed; relay it.
+
+        A retry loop over single tries: each try's ``Outcome`` is relayed, or answered
+        with the stack's own error, or leads to another try (``_retry_answered``,
+        ``_retry_failed``).
+        """
         fw = self.fw
         admission = fw.admission
-        loop = fw.loop
-        method = ex.message.method
         has_body = ex.payload is not aio.EMPTY_PAYLOAD
-        idempotent = method in IDEMPOTENT_METHODS
-        replayable = idempotent or not has_body
+        idempotent = ex.message.method in IDEMPOTENT_METHODS
+        ex.replayable = idempotent or not has_body
         per_try = self._per_try if idempotent and not has_body else 0.0
         ex.expect_continue = has_body and not ex.http10 and _expects_continue(ex.message)
         fw.budget.deposit()
-        tried: tuple[Upstream, ...] = ()
-        reached = 0
-        raced = False
-        picked = admission.pick(tried)
+        picked = admission.pick(())
         if not isinstance(picked, Upstream):  # none available, or all at their limit
-            picked = await admission.acquire(loop, tried)
+            picked = await admission.acquire(fw.loop, ())
         if isinstance(picked, str):
             return fw.refuse(ex, 503, picked, retry_after=True, unreached=True)
         upstream = picked
@@ -142,62 +143,86 @@ class Exchanger:
                 if not failure:
                     fw.client_gone(ex, "waiting for the upstream")
                     raise
-                if not (failure == 504 and per_try and ex.phase == WAIT_HEADERS):
-                    return self._failed_try(ex, link, failure)
-                log.info("%s: no answer within the per-try timeout", upstream.name)
-                out = Outcome(Result.TIMED_OUT, 504, "upstream timed out", "timeout")
+                out = self._interrupted(ex, link, failure, per_try)
             else:
                 if out.result is Result.ANSWERED:
-                    may_retry = replayable and reached + 1 < self._reached_attempts
-                    cost = self._answered(ex, link, out, may_retry)
-                    nxt = None
-                    if cost is not None:
-                        nxt = self._next(upstream, (*tried, upstream), charged=bool(cost))
+                    nxt = self._retry_answered(ex, link, out)
                     if nxt is None:
-                        assert out.conn and out.response and out.payload
-                        if ex.head.upgrade or out.response.code == 101:
+                        conn, response, payload = out.conn, out.response, out.payload
+                        assert conn is not None and response is not None and payload is not None
+                        if ex.head.upgrade or response.code == 101:
                             return await self._upgrade(ex, link, out)
-                        return await self._relay.relay(
-                            ex, link, out.conn, out.response, out.payload
-                        )
-                    assert out.conn is not None and cost is not None
-                    out.conn.close()
-                    admission.release(upstream)
-                    reached += cost
+                        return await self._relay.relay(ex, link, conn, response, payload)
                     link.stats.retries += 1
-                    tried, upstream = (*tried, upstream), nxt
+                    upstream = nxt
                     continue
                 admission.release(upstream)
-            # No answer to relay: count the failure, then retry if that is safe.
-            if out.error:
-                self._penalise(link, out.error)
-            if out.result is Result.CLIENT:
-                if out.status == CLIENT_GONE:
-                    fw.client_gone(ex, "sending its body")
-                    return CLIENT_GONE, False
-                return fw.refuse(ex, out.status, out.problem, close=True)
-            if out.result is Result.INVALID:
-                return fw.refuse(ex, 502, out.problem)
-            charged = out.result is not Result.UNREACHED
-            if out.result is Result.LOST:
-                if not replayable or ex.body_started:
-                    return fw.refuse(ex, out.status, out.problem)
-                if not idempotent and not raced:
-                    # Most often the keep-alive race: the upstream closed a pooled
-                    # connection as we reused it. Once more, on a new connection.
-                    raced = True
-                    link.stats.retries += 1
-                    continue
-            tried = (*tried, upstream)
-            if charged:
-                reached += 1
-                if not replayable or reached >= self._reached_attempts:
-                    return fw.refuse(ex, out.status, out.problem)
-            nxt = self._next(upstream, tried, charged=charged)
-            if nxt is None:
-                return fw.refuse(ex, out.status, out.problem, unreached=not charged and not reached)
+            retry = self._retry_failed(ex, link, out)
+            if not isinstance(retry, Upstream):
+                return retry
             link.stats.retries += 1
-            upstream = nxt
+            upstream = retry
+
+    def _interrupted(self, ex: Exchange, link: Link, failure: int, per_try: float) -> Outcome:
+        """The outcome of a try the sweep cut short with ``failure`` (its phase's status)."""
+        if failure == 504 and per_try and ex.phase == WAIT_HEADERS:
+            log.info("%s: no answer within the per-try timeout", link.upstream.name)
+            return Outcome(Result.TIMED_OUT, 504, "upstream timed out", "timeout")
+        return Outcome(Result.EXPIRED, failure)
+
+    def _retry_answered(self, ex: Exchange, link: Link, out: Outcome) -> Upstream | None:
+        """After an answer: None to relay it, else the upstream to try instead."""
+        may_retry = ex.replayable and ex.reached + 1 < self._reached_attempts
+        cost = self._answered(ex, link, out, may_retry)
+        if cost is None:
+            return None
+        upstream = link.upstream
+        tried = (*ex.tried, upstream)
+        nxt = self._next(upstream, tried, charged=bool(cost))
+        if nxt is None:
+            return None
+        assert out.conn is not None
+        out.conn.close()
+        self.fw.admission.release(upstream)
+        ex.reached += cost
+        ex.tried = tried
+        return nxt
+
+    def _retry_failed(self, ex: Exchange, link: Link, out: Outcome) -> Upstream | tuple[int, bool]:
+        """After a try with no answer to relay: the upstream to try next, if that is safe
+        and allowed; else the answer (a status, and whether to keep the client)."""
+        fw = self.fw
+        if out.result is Result.EXPIRED:
+            return self._failed_try(ex, link, out.status)
+        if out.error:
+            self._penalise(link, out.error)
+        if out.result is Result.CLIENT:
+            if out.status == CLIENT_GONE:
+                fw.client_gone(ex, "sending its body")
+                return CLIENT_GONE, False
+            return fw.refuse(ex, out.status, out.problem, close=True)
+        if out.result is Result.INVALID:
+            return fw.refuse(ex, 502, out.problem)
+        upstream = link.upstream
+        charged = out.result is not Result.UNREACHED
+        if out.result is Result.LOST:
+            if not ex.replayable or ex.body_started:
+                return fw.refuse(ex, out.status, out.problem)
+            if not ex.raced and ex.message.method not in IDEMPOTENT_METHODS:
+                # Most often the keep-alive race: the upstream closed a pooled
+                # connection as we reused it. Once more, on a new connection.
+                ex.raced = True
+                return upstream
+        ex.tried = (*ex.tried, upstream)
+        if charged:
+            ex.reached += 1
+            if not ex.replayable or ex.reached >= self._reached_attempts:
+                return fw.refuse(ex, out.status, out.problem)
+        nxt = self._next(upstream, ex.tried, charged=charged)
+        if nxt is None:
+            unreached = not charged and not ex.reached
+            return fw.refuse(ex, out.status, out.problem, unreached=unreached)
+        return nxt
 
     async def _upgrade(self, ex: Exchange, link: Link, out: Outcome) -> tuple[int, bool]:
         """An answer to an upgrade request: a 101 opens the tunnel; others are relayed."""

@@ -23,7 +23,7 @@ import collections
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -32,9 +32,6 @@ from lbstack import aio
 from lbstack.forwarding.headers import error_response
 from lbstack.httpserver import DataPlane, error_status
 from lbstack.log import get_logger
-
-if TYPE_CHECKING:
-    from lbstack.forwarding.tunnel import Tunnel
 
 log = get_logger("http")
 
@@ -50,6 +47,18 @@ class Expiring(Protocol):
     deadline: float
 
     def expire(self) -> None: ...
+
+
+class Tunnelling(Protocol):
+    """Where a connection's bytes go once it is a tunnel (``tunnel.Tunnel``)."""
+
+    def up(self, data: bytes) -> None: ...
+
+    def client_writable(self) -> None: ...
+
+    def finish(self, why: str) -> None: ...
+
+    def close(self, why: str) -> None: ...
 
 
 Handler = Callable[["FrontConnection", aio.RawRequestMessage, aio.StreamReader], Awaitable[bool]]
@@ -201,7 +210,7 @@ class FrontConnection(aio.BaseProtocol):
         self._refused = False  # a parse error: nothing more is read
         self._payloads: list[aio.StreamReader] = []
         self._held: bytearray | None = None  # after an upgrade request
-        self._tunnel: Tunnel | None = None
+        self._tunnel: Tunnelling | None = None
         self.done: asyncio.Future[None] = loop.create_future()
 
     @property
@@ -250,21 +259,24 @@ class FrontConnection(aio.BaseProtocol):
                     self._payloads.append(payload)
             last = messages[-1][0]
             if last.upgrade:
-                # What follows may be the new protocol's: held until the upgrade is
-                # answered. aiohttp's parser hands it over only for the protocols it
+                # aiohttp's parser hands over what follows only for the protocols it
                 # knows (WebSocket); for others it drops it, and it is found here.
-                rest = tail if upgraded else _after_heads(data, messages)
-                if rest is None:
-                    self.queue.append(400)
-                    self._refused = True
-                elif self.server.tunnels(last):
-                    self._held = bytearray(rest)
-                elif rest:
-                    self.parser.set_upgraded(False)
-                    self.data_received(rest)
+                self._after_upgrade(last, tail if upgraded else _after_heads(data, messages))
             self._wake()
             if len(queue) >= aio.MAX_PIPELINED:
                 aio.hold_reading(self)
+
+    def _after_upgrade(self, request: aio.RawRequestMessage, rest: bytes | None) -> None:
+        """What follows an upgrade request may be the new protocol's: held until the
+        upgrade is answered if it may become a tunnel, else parsed as HTTP."""
+        if rest is None:
+            self.queue.append(400)
+            self._refused = True
+        elif self.server.tunnels(request):
+            self._held = bytearray(rest)
+        elif rest:
+            self.parser.set_upgraded(False)
+            self.data_received(rest)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -323,12 +335,16 @@ class FrontConnection(aio.BaseProtocol):
         except Exception:
             log.exception("connection failed")
         finally:
-            self.exchange = None
-            transport = self.transport
-            if transport is not None:
-                transport.close()
-            if not self.done.done():
-                self.done.set_result(None)
+            self._done_serving()
+
+    def _done_serving(self) -> None:
+        """The connection's task is over: close it, and say so to ``done``'s waiters."""
+        self.exchange = None
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
 
     def _refuse(self, status: int, exc: HttpProcessingError) -> None:
         """Answer ``status`` after what is queued, then close; read nothing more."""
@@ -351,7 +367,7 @@ class FrontConnection(aio.BaseProtocol):
         if held:
             self.data_received(bytes(held))
 
-    def start_tunnel(self, tunnel: Tunnel) -> bytes:
+    def start_tunnel(self, tunnel: Tunnelling) -> bytes:
         """From now on every byte goes to ``tunnel``; returns what came before."""
         self._tunnel = tunnel
         held, self._held = self._held or b"", None
@@ -367,7 +383,7 @@ class FrontConnection(aio.BaseProtocol):
             transport.close()
 
     @property
-    def tunnel(self) -> Tunnel | None:
+    def tunnel(self) -> Tunnelling | None:
         return self._tunnel
 
     def pause_reading_for_tunnel(self) -> None:

@@ -38,7 +38,7 @@ from lbstack.forwarding.state import (
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
-    from lbstack.forwarding.forwarder import Forwarder
+    from lbstack.forwarding.hop import Hop
     from lbstack.forwarding.upstreams import Link
 
 log = get_logger("forwarding")
@@ -49,7 +49,7 @@ _NO_BODY_STATUSES: Final = frozenset({204, 304})
 class Relay:
     """Moves one forwarder's bodies: ``send_body`` up, ``relay`` down."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Hop) -> None:
         self.fw = forwarder
         self._idle = forwarder.tier.timeouts.idle
         self._max_body = forwarder.tier.limits.max_body_size

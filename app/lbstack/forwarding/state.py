@@ -11,6 +11,7 @@ from lbstack.forwarding.headers import RequestHead
 if TYPE_CHECKING:
     from lbstack.forwarding.front import FrontConnection
     from lbstack.forwarding.upstreams import Link
+    from lbstack.routing import Upstream
 
 # What an exchange waits on; when it waits too long, the status it answers with.
 WAIT_HEADERS, READ_CLIENT, WRITE_UPSTREAM, READ_UPSTREAM, WRITE_CLIENT, TUNNEL = range(6)
@@ -45,8 +46,12 @@ class Exchange:
         "message",
         "payload",
         "phase",
+        "raced",
+        "reached",
+        "replayable",
         "target",
         "task",
+        "tried",
     )
 
     def __init__(
@@ -71,6 +76,13 @@ class Exchange:
         self.expect_continue = False
         self.link: Link | None = None
         self.target = b""  # what goes upstream: origin form
+        # What decides on a retry: whether the request may be sent again at all, the
+        # upstreams that failed it, the tries that may have reached one, and whether
+        # the keep-alive race was retried already.
+        self.replayable = False
+        self.tried: tuple[Upstream, ...] = ()
+        self.reached = 0
+        self.raced = False
 
     def expire(self) -> None:
         """Past the deadline (the sweep): end with the phase's status."""

@@ -26,7 +26,7 @@ from lbstack.forwarding.state import TUNNEL, Exchange
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
-    from lbstack.forwarding.forwarder import Forwarder
+    from lbstack.forwarding.hop import Hop
     from lbstack.forwarding.upstreams import Link
 
 log = get_logger("forwarding")
@@ -108,7 +108,7 @@ class Tunnel:
     """One client connection and one upstream connection, joined after a 101."""
 
     def __init__(
-        self, fw: Forwarder, ex: Exchange, link: Link, conn: aio.Connection, websocket: bool
+        self, fw: Hop, ex: Exchange, link: Link, conn: aio.Connection, websocket: bool
     ) -> None:
         self.fw = fw
         self.ex = ex

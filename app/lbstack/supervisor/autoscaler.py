@@ -37,8 +37,11 @@ from lbstack.metrics import histogram_quantile, parse
 from lbstack.supervisor.telemetry import INSTANCE, ROLE, tree_cpu_seconds
 
 if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
     from lbstack.supervisor.child import Child
+    from lbstack.supervisor.membership import Membership
+    from lbstack.supervisor.scaling import Scaler
+    from lbstack.supervisor.telemetry import SupervisorMetrics
+    from lbstack.supervisor.topology import Topology
 
 log = get_logger("autoscaler")
 SCRAPE_TIMEOUT = 2.0
@@ -226,8 +229,17 @@ class _Group:
 class Autoscaler:
     """One loop per group with autoscaling on, inside the supervisor."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
+    def __init__(
+        self,
+        topology: Topology,
+        membership: Membership,
+        scaler: Scaler,
+        metrics: SupervisorMetrics,
+    ) -> None:
+        self._topology = topology
+        self._membership = membership
+        self._scaler = scaler
+        self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._groups: dict[str, _Group] = {}
 
@@ -258,14 +270,12 @@ class Autoscaler:
 
     def _autoscaled(self) -> list[GroupLayout]:
         return [
-            layout
-            for layout in self._supervisor.config.layouts()
-            if layout.autoscale.enabled and layout.server.kind != "address"
+            layout for layout in self._topology.placement.local_groups() if layout.autoscale.enabled
         ]
 
     def _start(self, layout: GroupLayout) -> None:
         policy = layout.autoscale
-        seed = (time.monotonic(), len(self._supervisor.servers_in(layout.index)))
+        seed = (time.monotonic(), len(self._topology.servers_in(layout.index)))
         group = _Group(layout, Recommender(policy, seed), Signal(policy))
         self._groups[layout.name] = group
         self._tasks = [t for t in self._tasks if not t.done()]
@@ -290,9 +300,7 @@ class Autoscaler:
     async def evaluate(self, group: _Group) -> None:
         """Read the group's signal, decide, log the decision if it is news, and act."""
         layout, policy = group.layout, group.layout.autoscale
-        supervisor = self._supervisor
-        servers = supervisor.servers_in(layout.index)
-        names = {c.name for c in servers}
+        servers = self._topology.servers_in(layout.index)
         reading = await self._read(layout, servers)
         if (reading.problem is None) != (group.problem is None):  # once each way
             if reading.problem is not None:
@@ -300,22 +308,9 @@ class Autoscaler:
             else:
                 log.info("%s: its load can be read again", layout.name)
             group.problem = reading.problem
-        group.signal.add(group.signal.sample(names, reading))
+        group.signal.add(group.signal.sample({c.name for c in servers}, reading))
         observed = group.signal.observed()
-        scaler = supervisor.scaler
-        held = None
-        if scaler.lock.locked():
-            # A scale, drain, reload or restart is under way: the group is not what this
-            # reading saw.
-            held = "held while another membership change runs"
-        elif scaler.held(layout.name, policy.hold):
-            held = "held after a manual scale"  # the user's size stands for ``hold``
-        elif time.monotonic() < group.retry_at:
-            # A step just failed: trying again each interval would spawn servers that
-            # can't start over and over. The wait doubles with each failure.
-            held = f"held after {group.failures} failed step(s), next try in " + (
-                f"{group.retry_at - time.monotonic():.1f}s"
-            )
+        held = self._held(group)
         if held is not None:
             current = len(servers)
             decision = Decision(current, observed, policy.target, current, current, held)
@@ -323,21 +318,41 @@ class Autoscaler:
             decision = group.recommender.decide(time.monotonic(), len(servers), observed)
         group.evaluations += 1
         group.last = decision
-        metrics = supervisor.metrics
+        metrics = self._metrics
         metrics.evaluations.labels(ROLE, INSTANCE, layout.name).inc()
         metrics.observed.labels(ROLE, INSTANCE, layout.name, policy.signal).set(
             float("nan") if observed is None else observed
         )
         metrics.desired_servers.labels(ROLE, INSTANCE, layout.name).set(decision.desired)
         self._log(group, decision)
-        if decision.desired == decision.current:
-            return
-        async with scaler.lock:
+        if decision.desired != decision.current:
+            await self._step(group, decision)
+
+    def _held(self, group: _Group) -> str | None:
+        """Why the group must not change now, if it must not."""
+        if self._membership.busy:
+            # A scale, drain, reload or restart is under way: the group is not what this
+            # reading saw.
+            return "held while another membership change runs"
+        if self._scaler.held(group.layout.name, group.layout.autoscale.hold):
+            return "held after a manual scale"  # the user's size stands for ``hold``
+        if time.monotonic() < group.retry_at:
+            # A step just failed: trying again each interval would spawn servers that
+            # can't start over and over. The wait doubles with each failure.
+            return f"held after {group.failures} failed step(s), next try in " + (
+                f"{group.retry_at - time.monotonic():.1f}s"
+            )
+        return None
+
+    async def _step(self, group: _Group, decision: Decision) -> None:
+        """Set the group's size to the decision's, unless the group changed meanwhile."""
+        layout, policy = group.layout, group.layout.autoscale
+        async with self._membership.change(f"autoscale {layout.name}"):
             # Another change may have got the lock first: act only on the group as seen.
-            now = len(supervisor.servers_in(layout.index))
+            now = len(self._topology.servers_in(layout.index))
             if group.retired:
                 return  # a reload changed the policy while this one waited
-            if now != decision.current or scaler.held(layout.name, policy.hold):
+            if now != decision.current or self._scaler.held(layout.name, policy.hold):
                 log.info(
                     "%s: not scaling to %d: the group changed meanwhile",
                     layout.name,
@@ -345,7 +360,7 @@ class Autoscaler:
                 )
                 return
             try:
-                await scaler.resize(layout, decision.desired)
+                await self._scaler.converge(layout, decision.desired)
             except ControlError as exc:
                 group.failures += 1
                 delay = min(policy.interval * 2**group.failures, FAILED_STEP_MAX_WAIT)
@@ -389,7 +404,7 @@ class Autoscaler:
             seconds = await asyncio.to_thread(tree_cpu_seconds, list(pids.values()))
             cpu = {name: (pid, seconds[pid]) for name, pid in pids.items() if pid in seconds}
             return Reading(cpu=cpu, problem=None if cpu else "no server process found")
-        proxy = self._supervisor.children.get(layout.name)
+        proxy = self._topology.children.get(layout.name)
         if proxy is None or proxy.admin is None or proxy.state != "ready":
             return Reading(problem=f"{layout.name} is not ready")
         try:

@@ -19,6 +19,7 @@ from lbstack.address import Address
 from lbstack.client import answers, probe, session
 from lbstack.config import SupervisorConfig
 from lbstack.errors import SocketError
+from lbstack.identity import ChildId, Role
 from lbstack.log import get_logger
 
 log = get_logger("supervisor")
@@ -36,7 +37,6 @@ class State(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
-    EXTERNAL = "external"
 
 
 @dataclass
@@ -116,9 +116,7 @@ class Child:
     inherited sockets and the topology as it is at that moment.
     """
 
-    name: str
-    role: str
-    group: int | None
+    id: ChildId
     listen: list[Address]
     admin: Address | None
     launch: Callable[[], Launch]
@@ -139,6 +137,18 @@ class Child:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.id.name
+
+    @property
+    def role(self) -> Role:
+        return self.id.role
+
+    @property
+    def group(self) -> int | None:
+        return self.id.group
 
     def start(self) -> None:
         """Begin supervising: spawn now, and again whenever the process dies."""
@@ -330,7 +340,7 @@ class Child:
         return {
             "name": self.name,
             "role": self.role,
-            "group": None if self.group is None else f"proxy-{self.group}",
+            "group": self.id.group_name,
             "pid": self.pid,
             "state": "draining" if self.draining and self.state == State.READY else str(self.state),
             "restarts": self.restarts,

@@ -12,37 +12,68 @@ taken as a path, and one that does not answer is a 503, which Prometheus records
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lbstack.api import (
+    DrainRequest,
+    ReloadRequest,
+    Request,
+    RestartRequest,
+    ScaleRequest,
+    UndrainRequest,
+)
 from lbstack.client import fetch
-from lbstack.errors import ConfigError, ControlError
+from lbstack.errors import ConfigError, ControlError, InvalidRequest
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
+    from prometheus_client import CollectorRegistry
+
+    from lbstack.supervisor.reload import Reloader
+    from lbstack.supervisor.scaling import Scaler
+    from lbstack.supervisor.topology import Topology
 
 log = get_logger("supervisor")
 
 SCRAPE_TIMEOUT = 5.0
+Answer = Callable[[dict[str, Any]], Awaitable[None]]
+R = TypeVar("R", bound=Request)
 
 
-def _metrics_handler(supervisor: Supervisor) -> Callable[[web.Request], Awaitable[web.Response]]:
+@dataclass(frozen=True)
+class ControlPlane:
+    """What the control socket and the metrics endpoint act on."""
+
+    topology: Topology  # scrape targets and readiness
+    scaler: Scaler  # scale, drain, undrain
+    reloader: Reloader  # reload, rolling restart
+    registry: CollectorRegistry  # the supervisor's own metrics
+    status: Callable[[], dict[str, Any]]  # the stack as ``lbstack status --json`` shows it
+    # Re-execute the supervisor: answers through its argument, then this image ends;
+    # ControlError if it can't.
+    upgrade: Callable[[Answer], Awaitable[None]]
+
+    def targets(self) -> list[str]:
+        """What ``/metrics?target=`` accepts."""
+        return ["supervisor", *(c.name for c in self.topology if c.admin is not None)]
+
+
+def _metrics_handler(plane: ControlPlane) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def metrics(request: web.Request) -> web.Response:
         target = request.query.get("target")
         if target is None or target == "supervisor":
             return web.Response(
-                body=generate_latest(supervisor.metrics.registry),
+                body=generate_latest(plane.registry),
                 headers={"Content-Type": CONTENT_TYPE_LATEST},
             )
-        child = supervisor.children.get(target)
+        child = plane.topology.children.get(target)
         if child is None or child.admin is None:
-            known = ", ".join(
-                ["supervisor", *(n for n, c in supervisor.children.items() if c.admin is not None)]
-            )
+            known = ", ".join(plane.targets())
             return web.Response(status=404, text=f"unknown target {target!r}; known: {known}\n")
         try:
             status, body = await fetch(child.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
@@ -55,12 +86,12 @@ def _metrics_handler(supervisor: Supervisor) -> Callable[[web.Request], Awaitabl
     return metrics
 
 
-def _probes(app: web.Application, supervisor: Supervisor) -> None:
+def _probes(app: web.Application, plane: ControlPlane) -> None:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready = all(c.state in ("ready", "external") for c in supervisor.children.values())
+        ready = all(c.state == "ready" for c in plane.topology)
         return web.json_response(
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
@@ -69,43 +100,34 @@ def _probes(app: web.Application, supervisor: Supervisor) -> None:
     app.router.add_get("/readyz", readyz)
 
 
-def create_control_app(supervisor: Supervisor) -> web.Application:
+def create_control_app(plane: ControlPlane) -> web.Application:
     """The control socket's app."""
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(supervisor.status())
+        return web.json_response(plane.status())
 
     async def scale(request: web.Request) -> web.Response:
-        body = await _json_body(request, {"group": str, "servers": int})
-        return await _run(supervisor.scaler.scale(body["group"], body["servers"]))
+        body = await _parse(request, ScaleRequest)
+        return await _run(plane.scaler.scale(body.group, body.servers))
 
     async def drain(request: web.Request) -> web.Response:
-        body = await _json_body(request, {"name": str})
-        force = body.get("force", False)
-        if not isinstance(force, bool):
-            raise web.HTTPBadRequest(text=f"force: expected true or false, found {force!r}\n")
-        return await _run(supervisor.scaler.drain(body["name"], force=force))
+        body = await _parse(request, DrainRequest)
+        return await _run(plane.scaler.drain(body.name, force=body.force))
 
     async def undrain(request: web.Request) -> web.Response:
-        body = await _json_body(request, {"name": str})
-        return await _run(supervisor.scaler.undrain(body["name"]))
+        body = await _parse(request, UndrainRequest)
+        return await _run(plane.scaler.undrain(body.name))
 
     async def reload(request: web.Request) -> web.Response:
-        body = await _json_body(request, {}) if request.can_read_body else {}
-        dry_run = body.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise web.HTTPBadRequest(text=f"dry_run: expected true or false, found {dry_run!r}\n")
+        body = await _parse(request, ReloadRequest)
         try:
-            return await _run(supervisor.reloader.reload(dry_run=dry_run))
+            return await _run(plane.reloader.reload(dry_run=body.dry_run))
         except ConfigError as exc:
             return web.json_response({"error": str(exc), "problems": exc.problems}, status=422)
 
     async def restart(request: web.Request) -> web.Response:
-        body = await _json_body(request, {"names": list})
-        names = body["names"]
-        if not all(isinstance(n, str) for n in names):
-            raise web.HTTPBadRequest(text=f"names: expected a list of names, found {names!r}\n")
-        return await _run(supervisor.reloader.restart(names))
+        body = await _parse(request, RestartRequest)
+        return await _run(plane.reloader.restart(body.names))
 
     async def upgrade(request: web.Request) -> web.StreamResponse:
         sent: list[web.StreamResponse] = []
@@ -117,13 +139,13 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
             sent.append(response)
 
         try:
-            await supervisor.upgrade(answer)  # on success this image ends in it
+            await plane.upgrade(answer)  # on success this image ends in it
         except ControlError as exc:
             if sent:  # the exec itself failed after the answer: the log says so
                 log.error("%s", exc)
                 return sent[0]
             return web.json_response({"error": str(exc)}, status=409)
-        raise AssertionError("Supervisor.upgrade returned")
+        raise AssertionError("upgrade returned")
 
     app = web.Application()
     app.router.add_get("/status", status)
@@ -133,25 +155,18 @@ def create_control_app(supervisor: Supervisor) -> web.Application:
     app.router.add_post("/scale", scale)
     app.router.add_post("/drain", drain)
     app.router.add_post("/undrain", undrain)
-    app.router.add_get("/metrics", _metrics_handler(supervisor))
-    _probes(app, supervisor)
+    app.router.add_get("/metrics", _metrics_handler(plane))
+    _probes(app, plane)
     return app
 
 
-async def _json_body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
-    """The request's JSON object with ``fields`` of the given types, or a 400."""
+async def _parse(request: web.Request, model: type[R]) -> R:
+    """The request body as ``model`` (the one the clients send), or a 400 naming each
+    bad field, what was expected and what was found."""
     try:
-        body = await request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="expected a JSON object\n")
-    for name, kind in fields.items():
-        if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
-            raise web.HTTPBadRequest(
-                text=f"{name}: expected a {kind.__name__}, found {body.get(name)!r}\n"
-            )
-    return body
+        return model.parse(await request.read())
+    except InvalidRequest as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
 
 async def _run(operation: Awaitable[dict[str, Any]]) -> web.Response:
@@ -162,17 +177,16 @@ async def _run(operation: Awaitable[dict[str, Any]]) -> web.Response:
         return web.json_response({"error": str(exc)}, status=409)
 
 
-def create_metrics_app(supervisor: Supervisor) -> web.Application:
+def create_metrics_app(plane: ControlPlane) -> web.Application:
     """The loopback TCP endpoint Prometheus scrapes."""
 
     async def targets(request: web.Request) -> web.Response:
-        names = ["supervisor", *(n for n, c in supervisor.children.items() if c.admin)]
         return web.json_response(
-            [{"targets": [request.host], "labels": {"lbstack_target": n}} for n in names]
+            [{"targets": [request.host], "labels": {"lbstack_target": n}} for n in plane.targets()]
         )
 
     app = web.Application()
-    app.router.add_get("/metrics", _metrics_handler(supervisor))
+    app.router.add_get("/metrics", _metrics_handler(plane))
     app.router.add_get("/targets", targets)
-    _probes(app, supervisor)
+    _probes(app, plane)
     return app

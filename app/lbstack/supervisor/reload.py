@@ -40,21 +40,22 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from lbstack.client import fetch, fetch_json
-from lbstack.component import balancer_name
 from lbstack.config import Config
 from lbstack.errors import ControlError
+from lbstack.identity import ChildId, Role
 from lbstack.log import get_logger
 from lbstack.supervisor.scaling import call_router
 
 if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
     from lbstack.supervisor.child import Child
+    from lbstack.supervisor.membership import Membership
+    from lbstack.supervisor.scaling import Scaler
+    from lbstack.supervisor.topology import Topology
 
 log = get_logger("supervisor")
 
 # Changing these means new sockets or a new topology: stop the stack and start it.
-FIXED = ("run_dir", "listen", "metrics_listen", "proxies")
-ROLE_ORDER = {"server": 0, "proxy": 1, "balancer": 2}
+FIXED = ("run_dir", "tier", "network", "listen", "metrics_listen", "proxies")
 DRAINING_TIMEOUT = 5.0
 DRAINING_POLL = 0.02
 TLS_RELOAD = "/tls/reload"  # a balancer's (app/lbstack/tiers/balancer.py)
@@ -63,9 +64,23 @@ TLS_RELOAD = "/tls/reload"  # a balancer's (app/lbstack/tiers/balancer.py)
 class Reloader:
     """Reloads and rolling restarts of one supervisor's stack, one at a time."""
 
-    def __init__(self, supervisor: Supervisor, source: Callable[[], Config] | None) -> None:
-        self._supervisor = supervisor
+    def __init__(
+        self,
+        topology: Topology,
+        membership: Membership,
+        scaler: Scaler,
+        source: Callable[[], Config] | None,
+        on_replaced: Callable[[Child], None],
+        on_config: Callable[[], None],
+    ) -> None:
+        """``source`` re-reads the config (file and flags); ``on_replaced`` counts a
+        replacement; ``on_config`` follows a new config (after a reload)."""
+        self._topology = topology
+        self._membership = membership
+        self._scaler = scaler
         self._source = source
+        self._on_replaced = on_replaced
+        self._on_config = on_config
 
     # ---- reload ----------------------------------------------------------------------
 
@@ -79,8 +94,7 @@ class Reloader:
         if self._source is None:
             raise ControlError("this stack was not started from a config it can re-read")
         new = self._source()  # ConfigError: refused, nothing changed
-        supervisor = self._supervisor
-        old = supervisor.config
+        old = self._topology.config
         refusals = [
             f"{field}: changing it needs a restart of the stack "
             f"(running {_show(getattr(old, field))}, new config {_show(getattr(new, field))})"
@@ -93,16 +107,16 @@ class Reloader:
         if dry_run:
             plan: dict[str, Any] = {
                 "dry_run": True,
-                "replaced": [c.name for c in self._changed(old, new) if c.state != "external"],
+                "replaced": [c.name for c in self._changed(old, new)],
                 "balancers": self._balancer_changes(new.balancers),
                 "scaled": self._group_sizes(new),
             }
             if https:
                 plan["certificates"] = [c.name for c in self._balancers()]
             return plan
-        async with supervisor.scaler.lock:
+        async with self._membership.change("reload"):
             changed = self._changed(old, new)
-            self._apply(new)
+            self._topology.apply(new)
             done: list[Child] = []  # the children running the new config so far
             try:
                 certificates = await self._reload_certificates(new) if https else []
@@ -113,7 +127,7 @@ class Reloader:
                 raise ControlError(
                     f"reload failed: {exc}; {await self._roll_back(old, done)}"
                 ) from exc
-        supervisor.config_changed()
+        self._on_config()
         summary: dict[str, Any] = {"replaced": replaced, "balancers": balancers, "scaled": scaled}
         if https:
             summary["certificates"] = certificates
@@ -127,18 +141,11 @@ class Reloader:
 
     def _changed(self, old: Config, new: Config) -> list[Child]:
         """The children whose part of the config differs, in replacement order."""
-        children = self._supervisor.children.values()
-        return _ordered([c for c in children if _view(old, c) != _view(new, c)])
-
-    def _apply(self, config: Config) -> None:
-        """Make ``config`` the one new and restarted children run with."""
-        self._supervisor.config = config
-        for child in self._supervisor.children.values():
-            child.settings = config.supervisor
+        return _ordered([c for c in self._topology if _view(old, c) != _view(new, c)])
 
     async def _roll_back(self, old: Config, done: list[Child]) -> str:
         """Put ``old`` back everywhere a failed reload changed something; what it did."""
-        self._apply(old)
+        self._topology.apply(old)
         try:
             back = await self._replace_all(_ordered(done), [])
             await self._set_balancers(old.balancers)
@@ -167,9 +174,8 @@ class Reloader:
 
     async def restart(self, names: list[str]) -> dict[str, Any]:
         """Replace ``names`` (every child when empty) one at a time, servers first."""
-        supervisor = self._supervisor
-        async with supervisor.scaler.lock:
-            children = supervisor.children
+        async with self._membership.change("restart"):
+            children = self._topology.children
             unknown = [n for n in names if n not in children]
             if unknown:
                 raise ControlError(
@@ -187,9 +193,7 @@ class Reloader:
         as it serves, so a failure midway leaves what changed there."""
         replaced: list[str] = []
         for child in children:
-            if child.state == "external":
-                continue
-            if child.role == "server" and child.admin is None:  # the user's command
+            if child.role is Role.SERVER and child.admin is None:  # the user's command
                 new = await self._surge(child)
                 replaced.append(f"{child.name}->{new.name}")
             else:
@@ -199,75 +203,84 @@ class Reloader:
         return replaced
 
     async def _hand_over(self, old: Child) -> Child:
-        supervisor = self._supervisor
-        timeout = supervisor.config.supervisor.graceful_timeout + 1.0
-        new = supervisor.plan_successor(old)
+        topology = self._topology
+        timeout = topology.config.supervisor.graceful_timeout + 1.0
+        new = topology.plan_successor(old)
         new.start()
         if not await new.wait_ready():
             await new.stop(timeout)
-            supervisor.release(new)  # its successor admin socket goes
+            topology.release(new)  # its successor admin socket goes
             raise ControlError(
                 f"{old.name}'s successor did not become ready ({new.last_exit}); "
                 f"{old.name} kept as it was"
             )
         old_pid = old.pid
-        supervisor.take_over(new, old)
+        topology.take_over(new, old)
         stopping = asyncio.create_task(old.stop(timeout), name=f"stop old {old.name}")
         await _until_draining(old, stopping)
-        for router in supervisor.scaler.routers_in_front(old):
+        for router in topology.routers_in_front(old):
             try:
                 await call_router(router, "POST", f"/upstreams/{old.name}/recycle")
             except ControlError as exc:  # its pool then drains by Connection: close alone
                 log.warning("recycling %s's pool: %s", old.name, exc)
         await stopping
-        supervisor.release(old)
-        supervisor.metrics.replaced(new)
+        topology.release(old)
+        self._on_replaced(new)
         log.info("%s replaced: pid %s -> %s", old.name, old_pid, new.pid)
         return new
 
     async def _surge(self, old: Child) -> Child:
         """A new server beside ``old``, then ``old`` drained and removed; the new one."""
         assert old.group is not None
-        scaler = self._supervisor.scaler
-        new = await scaler.grow(old.group, 1, event=False)
-        await scaler.shrink([old], event=False)
-        self._supervisor.metrics.replaced(new[0])
-        log.info("%s replaced by %s", old.name, new[0].name)
-        return new[0]
+        new = await self._scaler.grow(old.group, step=False)
+        await self._scaler.shrink(old, step=False)
+        self._on_replaced(new)
+        log.info("%s replaced by %s", old.name, new.name)
+        return new
 
     def _balancers(self) -> list[Child]:
-        return sorted(
-            (c for c in self._supervisor.children.values() if c.role == "balancer"),
-            key=lambda c: int(c.name.rsplit("-", 1)[1]),
-        )
+        return self._topology.of_role(Role.BALANCER)
 
     def _balancer_changes(self, count: int) -> list[str]:
         """The balancers started (+) and stopped (-) to have ``count``."""
         current = self._balancers()
-        return [f"+{balancer_name(i)}" for i in range(len(current), count)] + [
+        return [f"+{ChildId.balancer(i).name}" for i in range(len(current), count)] + [
             f"-{c.name}" for c in reversed(current[count:])
         ]
 
     async def _set_balancers(self, count: int) -> list[str]:
         """Start or stop balancers until there are ``count``; what changed."""
-        supervisor = self._supervisor
         changes = self._balancer_changes(count)
         current = self._balancers()
         for index in range(len(current), count):
-            await supervisor.start_balancer(index)
+            await self._start_balancer(index)
         for child in reversed(current[count:]):
-            await supervisor.stop_balancer(child)
+            await self._stop_balancer(child)
         return changes
+
+    async def _start_balancer(self, index: int) -> None:
+        """One more balancer on the shared listeners, ready."""
+        child = self._topology.add_balancer(index)
+        child.start()
+        if not await child.wait_ready():
+            await self._stop_balancer(child)
+            raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
+
+    async def _stop_balancer(self, child: Child) -> None:
+        """A balancer stopped for good; the shared listeners stay with the others."""
+        await child.stop(self._topology.config.supervisor.graceful_timeout + 1.0)
+        self._topology.remove(child)
 
     def _group_sizes(self, config: Config) -> dict[str, int]:
         """The groups without autoscaling whose size differs from ``config``'s: the size."""
-        supervisor = self._supervisor
+        here = self._topology.placement.runs(Role.PROXY)  # ``tier`` is fixed: groups scale here
         return {
             layout.name: layout.servers
             for layout in config.layouts()
-            if layout.server.kind != "address"
+            if here
+            and layout.server.kind in ("simulated", "command")
             and not layout.autoscale.enabled
-            and len(supervisor.servers_in(layout.index)) != layout.servers
+            and len(self._topology.servers_in(layout.index)) != layout.servers
         }
 
     async def _resize_groups(self, config: Config) -> dict[str, int]:
@@ -275,7 +288,7 @@ class Reloader:
         scaled = self._group_sizes(config)
         layouts = {layout.name: layout for layout in config.layouts()}
         for name, servers in scaled.items():
-            await self._supervisor.scaler.resize(layouts[name], servers)
+            await self._scaler.converge(layouts[name], servers)
         return scaled
 
 
@@ -314,24 +327,31 @@ async def _post_tls(balancer: Child, config: Config) -> None:
 
 def _ordered(children: list[Child]) -> list[Child]:
     """Servers, then proxies, then balancers: each tier's routers outlive its changes."""
-    return sorted(children, key=lambda c: ROLE_ORDER[c.role])
+    return sorted(children, key=lambda c: c.role.tier)
 
 
 def _view(config: Config, child: Child) -> Any:
     """The part of ``config`` that ``child`` runs on: it is replaced when this changes."""
     supervisor = config.supervisor
-    common = (supervisor.log_level, supervisor.graceful_timeout, supervisor.drain_window)
-    if child.role == "balancer":
+    common = (
+        supervisor.log_level,
+        supervisor.graceful_timeout,
+        supervisor.drain_window,
+        config.admin.model_dump(mode="json"),  # its token is read as it starts
+        config.discovery.model_dump(mode="json"),
+    )
+    if child.role is Role.BALANCER:
         return (common, config.balancer.model_dump(mode="json"), config.balancers)
     assert child.group is not None
     server = config.group(child.group).server
-    if child.role == "proxy":
+    if child.role is Role.PROXY:
         return (
             common,
             config.proxy.model_dump(mode="json"),
             server.kind,
             server.health_path,
             [str(a) for a in server.addresses],
+            str(server.discover),
         )
     return (common, server.model_dump(mode="json"))
 

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from lbstack.address import Address
 from lbstack.client import fetch_json
 from lbstack.errors import ControlError
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
     from lbstack.config import GroupLayout
-    from lbstack.supervisor.arbiter import Supervisor
     from lbstack.supervisor.child import Child
+    from lbstack.supervisor.membership import Membership
+    from lbstack.supervisor.topology import Topology
 
 log = get_logger("supervisor")
 DRAIN_POLL = 0.1
@@ -45,35 +46,29 @@ async def call_router(router: Child, method: str, path: str, body: Any = None) -
 
 
 class Scaler:
-    """Membership changes of one supervisor's stack, one at a time."""
+    """Server counts and drains of one stack's groups.
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
-        # Membership changes (scale, drain, reload, restart) happen one at a time.
-        self.lock = asyncio.Lock()
+    Like gunicorn's ``manage_workers``, a size is a target: ``converge`` steps the group
+    one server at a time until what runs is what is wanted, reading the group anew
+    before each step. A manual scale, a reload and the autoscaler all set targets.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        membership: Membership,
+        on_step: Callable[[str, str], None],
+    ) -> None:
+        """``on_step(group, "up" | "down")`` counts a scale step (a surge is not one)."""
+        self._topology = topology
+        self._membership = membership
+        self._on_step = on_step
         self._manual_at: dict[str, float] = {}
 
     def held(self, group: str, hold: float) -> bool:
         """Whether a manual scale of ``group`` less than ``hold`` ago still stands."""
         at = self._manual_at.get(group)
         return at is not None and time.monotonic() - at < hold
-
-    def routers_of(self, name: str) -> list[Child]:
-        """The routers that send traffic to ``name``: a server's proxy, or every balancer."""
-        children = self._supervisor.children
-        target = children.get(name)
-        if target is None or target.role not in ("server", "proxy"):
-            known = ", ".join(n for n, c in children.items() if c.role in ("server", "proxy"))
-            raise ControlError(f"no server or proxy named {name!r}; known: {known}")
-        if target.role == "proxy":
-            return [c for c in children.values() if c.role == "balancer"]
-        return [c for c in children.values() if c.role == "proxy" and c.group == target.group]
-
-    def routers_in_front(self, child: Child) -> list[Child]:
-        """The routers that send traffic to ``child`` (none for a balancer)."""
-        if child.role == "balancer":
-            return []
-        return self.routers_of(child.name)
 
     async def drain(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """No new requests to ``name``; the ones in flight finish.
@@ -90,14 +85,14 @@ class Scaler:
         self, name: str, *, draining: bool, force: bool = False
     ) -> dict[str, Any]:
         verb = "drain" if draining else "undrain"
-        async with self.lock:
-            routers = self.routers_of(name)
+        async with self._membership.change(f"{verb} {name}"):
+            routers = self._topology.routers_of(name)
             if draining and not force:
                 for router in routers:
                     await self._refuse_last(router, name)
             for router in routers:
                 await call_router(router, "POST", f"/upstreams/{name}/{verb}")
-            self._supervisor.children[name].draining = draining
+            self._topology.children[name].draining = draining
             log.info("%sed %s", verb, name)
             return {f"{verb}ed": name}
 
@@ -115,75 +110,92 @@ class Scaler:
     async def scale(self, group: str, servers: int) -> dict[str, Any]:
         """``lbstack scale``: grow or shrink ``group`` (``proxy-0``) to ``servers``
         servers; it holds the autoscaler off the group for its ``hold`` time."""
-        supervisor = self._supervisor
-        layouts = {layout.name: layout for layout in supervisor.config.layouts()}
+        layouts = {layout.name: layout for layout in self._topology.config.layouts()}
         layout = layouts.get(group)
         if layout is None:
             raise ControlError(f"no group named {group!r}; groups: {', '.join(layouts)}")
-        if layout.server.kind == "address":
+        if layout.server.kind in ("address", "dns"):
+            found = "addresses" if layout.server.kind == "address" else "found by DNS"
             raise ControlError(
-                f"{group}'s servers are addresses something else runs: "
+                f"{group}'s servers are {found}: something else runs them, and "
                 "lbstack cannot start or stop them"
+            )
+        if layout not in self._topology.placement.local_groups():
+            raise ControlError(
+                f"{group} is scaled on the host that runs its proxy: this one runs "
+                f"tier={self._topology.config.tier}"
             )
         if not 1 <= servers <= MAX_SERVERS:
             raise ControlError(f"expected 1 to {MAX_SERVERS} servers, found {servers}")
-        async with self.lock:
+        async with self._membership.change(f"scale {group}"):
             self._manual_at[group] = time.monotonic()
             try:
-                return await self.resize(layout, servers)
+                return await self.converge(layout, servers)
             finally:  # the hold counts from the end of the change, however long
                 self._manual_at[group] = time.monotonic()
 
-    async def resize(self, layout: GroupLayout, servers: int) -> dict[str, Any]:
-        """Grow or shrink a group to ``servers``; the caller holds ``lock``."""
-        supervisor = self._supervisor
-        current = supervisor.servers_in(layout.index)
-        if servers > len(current):
-            await self.grow(layout.index, servers - len(current))
-        elif servers < len(current):
-            await self.shrink(current[servers - len(current) :])
-        now = supervisor.servers_in(layout.index)
-        log.info("%s now has %d servers: %s", layout.name, len(now), ", ".join(c.name for c in now))
-        return {"group": layout.name, "servers": [c.name for c in now]}
+    async def converge(self, layout: GroupLayout, servers: int) -> dict[str, Any]:
+        """Step the group until it runs ``servers`` servers; the caller holds a change.
 
-    async def grow(self, group: int, count: int, *, event: bool = True) -> list[Child]:
-        """Start ``count`` new servers in ``group`` and add them to its proxy; them.
+        A new server is ready before its proxy knows of it; an old one (the newest
+        first) is drained and idle before it stops. A step that fails stops here,
+        raising ControlError, with the group as the steps before it left it."""
+        while True:
+            current = self._topology.servers_in(layout.index)
+            if len(current) < servers:
+                await self.grow(layout.index)
+            elif len(current) > servers:
+                await self.shrink(current[-1])
+            else:
+                break
+        names = [c.name for c in current]
+        log.info("%s now has %d servers: %s", layout.name, len(names), ", ".join(names))
+        return {"group": layout.name, "servers": names}
 
-        ``event``: count it as a scale step (a reload's surge is not one)."""
-        supervisor = self._supervisor
-        proxy = supervisor.children[f"proxy-{group}"]
-        added: list[Child] = []
-        for _ in range(count):
-            child = supervisor.add_server(group)
-            child.start()
-            if not await child.wait_ready():
-                await supervisor.remove_server(child)
-                raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
-            await call_router(proxy, "POST", "/upstreams", supervisor.upstream_spec(child))
-            added.append(child)
-            if event:
-                supervisor.metrics.scale_events.labels(
-                    "supervisor", "supervisor", f"proxy-{group}", "up"
-                ).inc()
-            log.info("added %s to proxy-%d", child.name, group)
-        return added
+    async def grow(self, group: int, *, step: bool = True) -> Child:
+        """Start one new server in ``group`` and add it to its proxy; the new server.
 
-    async def shrink(self, victims: list[Child], *, event: bool = True) -> None:
-        """Drain, then stop and remove ``victims`` (last first)."""
-        supervisor = self._supervisor
-        timeout = supervisor.config.supervisor.graceful_timeout
-        for child in reversed(victims):
-            proxy = supervisor.children[f"proxy-{child.group}"]
-            await call_router(proxy, "POST", f"/upstreams/{child.name}/drain")
-            child.draining = True
-            await self._until_idle(proxy, child.name, timeout)
-            await call_router(proxy, "DELETE", f"/upstreams/{child.name}")
-            await supervisor.remove_server(child)
-            if event:
-                supervisor.metrics.scale_events.labels(
-                    "supervisor", "supervisor", f"proxy-{child.group}", "down"
-                ).inc()
-            log.info("removed %s from proxy-%s", child.name, child.group)
+        ``step``: count it as a scale step (a reload's surge is not one)."""
+        topology = self._topology
+        proxy = topology.proxy_of(group)
+        child = topology.add_server(group)
+        child.start()
+        if not await child.wait_ready():
+            await self._stop(child)
+            raise ControlError(f"{child.name} did not become ready: {child.last_exit}")
+        await call_router(proxy, "POST", "/upstreams", self.upstream_spec(child))
+        if step:
+            self._on_step(proxy.name, "up")
+        log.info("added %s to %s", child.name, proxy.name)
+        return child
+
+    def upstream_spec(self, child: Child) -> dict[str, Any]:
+        """What a router's ``POST /upstreams`` takes for the server ``child``."""
+        assert child.group is not None
+        return {
+            "name": child.name,
+            "address": str(child.listen[0]),
+            "admin": None if child.admin is None else str(child.admin),
+            "health_path": self._topology.config.group(child.group).server.health_path,
+        }
+
+    async def shrink(self, child: Child, *, step: bool = True) -> None:
+        """Drain ``child``, wait until its proxy has nothing in flight to it, remove it."""
+        assert child.group is not None
+        proxy = self._topology.proxy_of(child.group)
+        await call_router(proxy, "POST", f"/upstreams/{child.name}/drain")
+        child.draining = True
+        timeout = self._topology.config.supervisor.graceful_timeout
+        await self._until_idle(proxy, child.name, timeout)
+        await call_router(proxy, "DELETE", f"/upstreams/{child.name}")
+        await self._stop(child)
+        if step:
+            self._on_step(proxy.name, "down")
+        log.info("removed %s from %s", child.name, proxy.name)
+
+    async def _stop(self, child: Child) -> None:
+        await child.stop(self._topology.config.supervisor.graceful_timeout + 1.0)
+        self._topology.remove(child)
 
     async def _until_idle(self, router: Child, name: str, timeout: float) -> None:
         """Until ``router`` has nothing in flight to ``name``, or ``timeout``."""
@@ -202,15 +214,3 @@ class Scaler:
                 )
                 return
             await asyncio.sleep(DRAIN_POLL)
-
-
-def upstream_body(
-    name: str, address: Address, admin: Address | None, health_path: str
-) -> dict[str, Any]:
-    """The JSON a router's ``POST /upstreams`` takes."""
-    return {
-        "name": name,
-        "address": str(address),
-        "admin": None if admin is None else str(admin),
-        "health_path": health_path,
-    }

@@ -3,8 +3,10 @@ servers per group, the autoscaler's figures) and the CPU each child's process tr
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -14,7 +16,8 @@ from prometheus_client.registry import Collector
 from lbstack.metrics import ProcessCollector
 
 if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
+    from lbstack.address import Address
+    from lbstack.config import Config
     from lbstack.supervisor.child import Child
 
 ROLE = "supervisor"
@@ -24,8 +27,8 @@ INSTANCE = "supervisor"
 class _TopologyCollector(Collector):
     """Derived at scrape time from the children, so it can never drift from them."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
+    def __init__(self, children: Callable[[], Iterable[Child]]) -> None:
+        self._children = children
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -39,12 +42,12 @@ class _TopologyCollector(Collector):
             labels=["role", "instance", "group"],
         )
         per_group: dict[str, int] = {}
-        for child in self._supervisor.children.values():
+        for child in self._children():
             up.add_metric(
                 [ROLE, INSTANCE, child.name, child.role], 1.0 if child.state == "ready" else 0.0
             )
-            if child.role == "server" and child.group is not None:
-                key = f"proxy-{child.group}"
+            if child.role == "server" and child.id.group_name is not None:
+                key = child.id.group_name
                 per_group[key] = per_group.get(key, 0) + 1
         for group, count in sorted(per_group.items()):
             servers.add_metric([ROLE, INSTANCE, group], count)
@@ -55,10 +58,11 @@ class _TopologyCollector(Collector):
 class SupervisorMetrics:
     """Registry of the supervisor's series."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, children: Callable[[], Iterable[Child]]) -> None:
+        """``children``: the stack's children as they are at each scrape."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ProcessCollector(ROLE, INSTANCE))
-        self.registry.register(_TopologyCollector(supervisor))
+        self.registry.register(_TopologyCollector(children))
         # Every group and direction is exported from the start (at 0), so dashboards and
         # alerts see the series before the first scale event.
         self.scale_events = Counter(
@@ -86,7 +90,7 @@ class SupervisorMetrics:
             ["role", "instance", "group", "signal"],
             registry=self.registry,
         )
-        for layout in supervisor.config.layouts():
+        for layout in config.layouts():
             for direction in ("up", "down"):
                 self.scale_events.labels(ROLE, INSTANCE, layout.name, direction)
             if layout.autoscale.enabled:
@@ -119,6 +123,17 @@ class SupervisorMetrics:
 
     def restarted(self, child: Child) -> None:
         self._restarts.labels(ROLE, INSTANCE, child.name, child.role).inc()
+
+
+def write_targets(path: Path, exporter: Address, children: Iterable[Child]) -> None:
+    """The file_sd targets file Prometheus reads to scrape every component through the
+    supervisor's ``exporter`` (``/metrics?target=<name>``), replaced atomically."""
+    host = f"{exporter.host}:{exporter.port}"
+    names = ["supervisor", *(c.name for c in children if c.admin is not None)]
+    groups = [{"targets": [host], "labels": {"lbstack_target": name}} for name in names]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=2))
+    tmp.replace(path)
 
 
 def tree_cpu_seconds(roots: Collection[int], proc: str = "/proc") -> dict[int, float]:

@@ -30,16 +30,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from lbstack.address import Address
 from lbstack.config import Config
 from lbstack.errors import ControlError
 from lbstack.log import get_logger
-
-if TYPE_CHECKING:
-    from lbstack.supervisor.arbiter import Supervisor
+from lbstack.supervisor.topology import Topology
 
 log = get_logger("supervisor")
 STATE_ENV = "LBSTACK_RESUME"
@@ -76,18 +74,23 @@ class Resume(BaseModel):
     signals: tuple[int, ...] = ()
 
 
-async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]]) -> None:
+async def upgrade(
+    snapshot: Callable[[], Resume],
+    state: Path,
+    stopping: Callable[[], bool],
+    answer: Callable[[], Awaitable[None]],
+) -> None:
     """Check the new code, ``answer`` the client, re-execute the supervisor. Returns
     only by raising ControlError, with the stack as it was.
 
-    The caller holds the membership lock: nothing changes between the snapshot and the
-    exec."""
-    state = supervisor.run_dir.path / STATE_FILE
+    ``snapshot`` is what the new image takes over, written to the file ``state``;
+    ``stopping`` whether the stack began to stop (then the upgrade is abandoned). The
+    caller holds a membership change: nothing changes between snapshot and exec."""
     try:
-        _write(state, supervisor.snapshot())
-        await _check(state, supervisor)
+        _write(state, snapshot())
+        await _check(state, stopping)
     except BaseException:
-        state.unlink(missing_ok=True)
+        _discard(state)
         raise
     # From here until the new image's handlers are in place a signal waits, blocked (the
     # mask survives the exec): a SIGHUP or SIGTERM in between would otherwise take its
@@ -98,14 +101,73 @@ async def upgrade(supervisor: Supervisor, answer: Callable[[], Awaitable[None]])
         await answer()
         # Again, with no await between it and the exec: a child restarted meanwhile
         # must be adopted by its new pid, not its old one.
-        resume = supervisor.snapshot()
+        resume = snapshot()
         _write(state, resume)
         log.info("upgrade %d: re-executing the supervisor (pid %d)", resume.upgrades, os.getpid())
         _exec(state, list(resume.sockets.values()))
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        state.unlink(missing_ok=True)
+        _discard(state)
         raise
+
+
+def state_of(
+    topology: Topology,
+    *,
+    metrics_address: Address | None,
+    started_at: float,
+    upgrades: int,
+    signals: tuple[int, ...],
+) -> Resume:
+    """What a re-executed supervisor needs to take over the stack ``topology`` models."""
+    return Resume(
+        config=topology.config,
+        sockets=topology.sockets.descriptors(),
+        metrics_address=None if metrics_address is None else str(metrics_address),
+        children=tuple(
+            ChildState(
+                name=c.name,
+                pid=c.pid,
+                restarts=c.restarts,
+                draining=c.draining,
+                started_at=c.started_at,
+            )
+            for c in topology
+        ),
+        started_at=started_at,
+        upgrades=upgrades,
+        signals=signals,
+    )
+
+
+async def adopt(topology: Topology, resume: Resume) -> bool:
+    """In the new image: watch the children the previous one started, and start any that
+    was between two runs. Whether every one became ready."""
+    states = {c.name: c for c in resume.children}
+    adopted = 0
+    for child in topology:
+        state = states.get(child.name)
+        if state is not None:
+            child.restarts, child.draining = state.restarts, state.draining
+            child.started_at = state.started_at
+        if state is not None and state.pid is not None:
+            child.adopt(state.pid)
+            adopted += 1
+        else:
+            child.start()
+    results = await asyncio.gather(*(c.wait_ready() for c in topology))
+    log.info(
+        "upgrade %d: supervisor re-executed (pid %d), %d children adopted, %d started",
+        resume.upgrades,
+        os.getpid(),
+        adopted,
+        len(topology.children) - adopted,
+    )
+    return all(results)
+
+
+def _discard(state: Path) -> None:
+    state.unlink(missing_ok=True)
 
 
 def _write(state: Path, resume: Resume) -> None:
@@ -114,7 +176,7 @@ def _write(state: Path, resume: Resume) -> None:
         out.write(resume.model_dump_json())
 
 
-async def _check(state: Path, supervisor: Supervisor) -> None:
+async def _check(state: Path, stopping: Callable[[], bool]) -> None:
     """Run the installed code's own check of ``state``; ControlError with its output,
     or if the stack began to stop meanwhile (a SIGTERM wins)."""
     process = await asyncio.create_subprocess_exec(
@@ -138,7 +200,7 @@ async def _check(state: Path, supervisor: Supervisor) -> None:
     if process.returncode != 0:
         text = output.decode(errors="replace").strip()
         raise ControlError(f"upgrade refused, the stack runs on unchanged: {text}")
-    if supervisor.stopping:
+    if stopping():
         raise ControlError("upgrade abandoned: the stack is stopping")
 
 

@@ -22,7 +22,6 @@ poll (``lbstack.peering``); a balancer with peers also shows them in ``/status``
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from random import Random
 from typing import Any, Final
@@ -42,6 +41,7 @@ from lbstack.forwarding import (
 )
 from lbstack.forwarding.stats import ForwardingCollector
 from lbstack.health import HealthMonitor
+from lbstack.identity import UPSTREAM_NAME, UPSTREAM_NAME_RULE
 from lbstack.log import get_logger
 from lbstack.metrics import ComponentMetrics, RouterMetrics
 from lbstack.peering import LOAD_PATH, LoadView, Peering
@@ -51,8 +51,6 @@ from lbstack.scrape import Scraper
 log = get_logger("router")
 
 # A name that fits in a URL path segment and a metric label as it is.
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_NAME_RULE: Final = "a name of letters, digits, '.', '_' and '-', starting with a letter or digit"
 _FIELDS: Final = tuple(UpstreamSpec.model_fields)
 
 Problem = dict[str, str]
@@ -257,8 +255,8 @@ def _parse_spec(body: bytes) -> UpstreamSpec | list[Problem]:
             expected = expected.removeprefix("Input should be ").removeprefix("expected ")
             problems.append(_problem(field, expected, _describe(error.get("input"))))
         return problems
-    if not _NAME.fullmatch(spec.name):
-        problems.append(_problem("name", _NAME_RULE, repr(spec.name)))
+    if not UPSTREAM_NAME.fullmatch(spec.name):
+        problems.append(_problem("name", UPSTREAM_NAME_RULE, repr(spec.name)))
     if not spec.health_path.startswith("/"):
         problems.append(_problem("health_path", "a path starting with '/'", repr(spec.health_path)))
     return problems or spec
