@@ -237,6 +237,7 @@ async def open_loop(
     rate: float,
     duration: float,
     *,
+    unix_path: str | None = None,
     connections: int = DEFAULT_CONNECTIONS,
     seed: int = 1,
     warmup: float = 0.0,
@@ -244,7 +245,8 @@ async def open_loop(
     grace: float = DEFAULT_GRACE,
     min_sleep: float = DEFAULT_MIN_SLEEP,
 ) -> Result:
-    """Poisson arrivals at ``rate``/s for ``duration`` s, after ``warmup`` s unmeasured."""
+    """Poisson arrivals at ``rate``/s for ``duration`` s, after ``warmup`` s unmeasured
+    (to ``url``, through the unix socket ``unix_path`` if given)."""
     if rate <= 0 or duration <= 0:
         raise ValueError(f"rate and duration must be > 0, found {rate} and {duration}")
     rng, target, tasks = random.Random(seed), URL(url), set[asyncio.Task[Any]]()
@@ -274,7 +276,7 @@ async def open_loop(
             task.add_done_callback(tasks.discard)
             into.sent += 1
 
-    async with session(url, limit=connections, timeout=timeout) as client:
+    async with session(url, unix_path=unix_path, limit=connections, timeout=timeout) as client:
         began = time.perf_counter()
         start, end = began + warmup, began + warmup + duration
         if warmup > 0:  # the same flow, unmeasured: pools and routers' estimates warm up

@@ -41,11 +41,14 @@ COLUMNS = ["rate", "system", "sent", "errors", "req_per_s", "p50_ms", "p99_ms", 
 COLUMNS += ["max_ms", "late_p99_ms", "behind", "generator_cpu"]
 
 
-async def generate(url: str, rate: int, seed: int, scenario: Scenario) -> Row:
+async def generate(
+    url: str, rate: int, seed: int, scenario: Scenario, unix_path: str | None = None
+) -> Row:
     """One open-loop run by ``loadtests.loadgen`` in a process of its own: its figures."""
     assert isinstance(scenario.load, Poisson)
     bound = scenario.warmup + scenario.duration + DEFAULT_GRACE + SPAWN_MARGIN
     run = {"url": url, "rate": rate, "seed": seed, "connections": scenario.load.connections}
+    run |= {"unix_path": unix_path} if unix_path else {}
     run |= {"duration": scenario.duration, "warmup": scenario.warmup}
     argv = (sys.executable, "-m", "loadtests.loadgen", json.dumps(run))
     status, out, err = await run_program(*argv, timeout=bound, cwd=ROOT)
@@ -111,13 +114,19 @@ async def amain(args: argparse.Namespace) -> int:
     return report.finish(args.json)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    scenario = SCENARIOS["openloop"]
+def poisson_parser(name: str, doc: str | None, scenario: Scenario) -> argparse.ArgumentParser:
+    """The command line of an open-loop benchmark: the shared options, then the rates,
+    connections and seed of ``scenario``'s Poisson load."""
     assert isinstance(scenario.load, Poisson)
-    cli = parser("openloop", __doc__, "openloop.json", scenario)
+    cli = parser(name, doc, f"{name.removesuffix('_bench')}.json", scenario)
     cli.add_argument("--rates", nargs="+", type=positive_int, default=list(scenario.load.rates))
     cli.add_argument("--connections", type=positive_int, default=scenario.load.connections)
     cli.add_argument("--seed", type=int, default=1, help="arrival times' seed (1)")
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli = poisson_parser("openloop", __doc__, SCENARIOS["openloop"])
     kinds = ["lbstack", "nginx", "haproxy"]
     cli.add_argument("--systems", nargs="+", choices=kinds, default=kinds)
     run_main(amain, cli, argv)

@@ -152,6 +152,13 @@ SCENARIOS: dict[str, Scenario] = {
         ("lbstack", NGINX_LC, HAPROXY_LC),
         fault=SLOW,
     ),
+    # python -m loadtests.multihost_bench: the same, on one host and over hosts
+    "multihost": Scenario(
+        Topology(latency="5ms", policy="p2c_ewma"),
+        Poisson((400, 900)),
+        ("one host", "over hosts"),
+        fault=SLOW,
+    ),
     # python -m loadtests.floor: lbstack's balancer, a ClientSession forwarder, a bare server
     "floor": Scenario(Topology(1), Wrk(), ("lbstack", "aiohttp", "server"), rounds=2),
     # python -m loadtests.routing_bench

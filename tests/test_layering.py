@@ -21,7 +21,7 @@ LAYERS: Final = (
     ("base", "__init__ errors log address identity sockets rundir aio"),
     ("config", "config/ simulation tls"),
     ("services", "metrics client api httpserver admin component accesslog statusview"),
-    ("data plane", "routing/ health/ scrape peering forwarding/"),
+    ("data plane", "routing/ health/ scrape loadview peering forwarding/ discovery reconciler"),
     ("tiers", "tiers/"),
     ("children", "worker gunicorn"),
     # The supervisor's own, bottom up: each mechanism takes narrow interfaces, and

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, cast
 from prometheus_client import CollectorRegistry
 
 from lbstack.address import parse_address
-from lbstack.config import Config
+from lbstack.config import Config, parse_dns_name
+from lbstack.discovery import DiscoveryMetrics, Source
 from lbstack.forwarding.stats import ForwardingCollector, TierStats, UpstreamStats
 from lbstack.identity import ChildId
 from lbstack.metrics import (
@@ -55,8 +56,16 @@ class Family:
 
 
 def _router(role: str, name: str, upstream: str) -> ComponentMetrics:
-    """A router's registry as ``lbstack.tiers.router.create_forwarder`` fills it."""
+    """A router's registry as ``lbstack.tiers.router.create_forwarder`` fills it, with
+    a DNS source (``lbstack.tiers.router.create_router``, ``lbstack.discovery``)."""
     metrics = ComponentMetrics(role, name)
+    Source(
+        parse_dns_name("dns://upstreams.example:8080"),
+        lambda addresses: None,
+        purpose="upstreams",
+        settings=Config().discovery,
+        metrics=DiscoveryMetrics(metrics),
+    )
     router = RouterMetrics(metrics)
     router.ejections.labels(*router.labels(upstream))
     router.scrape_errors.labels(*router.labels(upstream))

@@ -15,6 +15,9 @@ the interval (jittered, never 64 at once), and each asks only for the series rea
 upstream renders in a fraction of the time of its whole exposition. And a router makes
 at most ``tier.scrape_max_rate`` scrapes a second: with more upstreams the round
 stretches (``interval``), so the cost stays bounded however wide the group grows.
+
+An admin API reached over TCP (an upstream on another host) gets the stack's admin
+token with every scrape (``token``); one on a unix socket needs none.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import aiohttp
 from prometheus_client import Counter
 
 from lbstack import client
+from lbstack.admin import bearer
 from lbstack.client import cancel
 from lbstack.config import TierConfig
 from lbstack.log import get_logger
@@ -123,8 +127,10 @@ class Scraper:
         clock: Callable[[], float] = time.monotonic,
         *,
         rng: Random | None = None,
+        token: str | None = None,
     ) -> None:
         self._upstreams = tuple(u for u in upstreams if u.admin is not None)
+        self._credentials = bearer(token)
         self._interval = tier.scrape_interval
         self._max_rate = tier.scrape_max_rate
         self._timeout = min(max(self._interval, MIN_TIMEOUT), MAX_TIMEOUT)
@@ -262,7 +268,9 @@ class Scraper:
 
     async def _fetch(self, upstream: Upstream) -> str:
         """The text of ``upstream``'s /metrics; _ScrapeError if it doesn't answer 200."""
-        async with self._session(upstream).get(SCRAPE_PATH) as response:
+        assert upstream.admin is not None  # only upstreams with an admin are scraped
+        headers = None if upstream.admin.is_unix else self._credentials
+        async with self._session(upstream).get(SCRAPE_PATH, headers=headers) as response:
             if response.status != 200:
                 raise _ScrapeError(f"{METRICS_PATH} answered {response.status}")
             return await response.text()

@@ -94,9 +94,14 @@ UpstreamSource = Annotated[
 def _nameserver(value: object) -> object:
     if not isinstance(value, str):
         return value
-    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if value.startswith("[") and "]:" in value:  # [IPv6]:PORT
+        host, _, port = value[1:].partition("]:")
+    elif value.count(":") == 1:  # IPv4:PORT
+        host, _, port = value.partition(":")
+    else:  # an address alone
+        host, port = value, ""
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(
             f"expected an IP address, optionally with :PORT, found {value!r}"

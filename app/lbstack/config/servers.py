@@ -52,6 +52,12 @@ class ServerConfig(Model):
         description="For kind=dns: dns://NAME:PORT (every A/AAAA record is a server at "
         "PORT) or dns+srv://NAME (every SRV record is one, at the port it gives).",
     )
+    admin_api: bool = Field(
+        True,
+        description="For kind=dns: the servers found are lbstack's (tier=server), with an "
+        "admin API at their data port + network.admin_offset that is scraped for load; "
+        "false for servers of your own, health-checked at health_path.",
+    )
     health_path: str = Field(
         "/healthz",
         description="For command, address and dns servers: the HTTP path that says ready.",

@@ -183,6 +183,13 @@ class Config(Model):
                 tier=self.tier,
                 found=str(upstreams),
             )
+        if self.tier == "server" and self.proxies != 1:
+            raise refuse(
+                "tier",
+                "proxies: expected 1 with tier='server' (one group of servers, at "
+                "network.port + k), found {found}",
+                found=self.proxies,
+            )
         if self.tier == "server":
             kinds = sorted({g.server.kind for g in self.layouts()} - {"simulated"})
             if kinds:

@@ -63,9 +63,7 @@ class HealthMonitor:
         self._clock = clock
         self._metrics = metrics
         self._panic_gauge = metrics.panic
-        self.checks = ActiveChecks(
-            tier, self._health_changed, clock, rng or Random(), token=token
-        )
+        self.checks = ActiveChecks(tier, self._health_changed, clock, rng or Random(), token=token)
         self._tracks: dict[Upstream, _Track] = {}
         for upstream in self._upstreams:
             self._watch(upstream)

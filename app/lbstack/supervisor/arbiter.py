@@ -375,8 +375,8 @@ def banner(topology: Topology, metrics: Address | None) -> str:
         if topology.placement.runs(role)
         for n in [len(topology.of_role(role))]
     )
-    tier = "" if config.tier == "all" else f" (tier {config.tier})"
-    lines = [f"lbstack up{tier}: {counts}; run dir {run_dir.path}"]
+    tier = "" if config.tier == "all" else f"tier {config.tier}, "
+    lines = [f"lbstack up: {tier}{counts}; run dir {run_dir.path}"]
     if topology.placement.runs(Role.BALANCER):
         lines.append(f"  balancer: {run_dir.balancer}")
         lines += [f"            {a}" for a in config.listen]

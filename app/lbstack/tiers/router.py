@@ -17,12 +17,20 @@ Unknown names answer 404. Errors are ``{"error": "..."}`` (400s add ``"problems"
 
 ``GET /load`` is the router's own load, small and cheap, which the other balancers
 poll (``lbstack.peering``); a balancer with peers also shows them in ``/status``.
+
+Upstreams may also follow a source (``lbstack.discovery``, ``lbstack.reconciler``): a
+balancer's ``[balancer] upstreams`` when set (fixed addresses or a DNS name), a proxy's
+servers when its group's ``server.kind`` is ``dns``; and a balancer's peers follow
+``[balancer.exchange] peers`` besides this host's balancers. ``/status`` then lists each
+source under ``discovery``. Admin APIs reached over TCP get the admin token.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from random import Random
 from typing import Any, Final
 
@@ -31,7 +39,8 @@ from pydantic import ValidationError
 
 from lbstack.admin import create_admin_app
 from lbstack.component import ChildSpec, Component, UpstreamSpec
-from lbstack.config import BalancerConfig, TierConfig
+from lbstack.config import BalancerConfig, DnsName, ExchangeConfig, TierConfig
+from lbstack.discovery import DiscoveryMetrics, OnChange, Origin, Resolver, Source
 from lbstack.forwarding import (
     FORWARDER,
     Forwarder,
@@ -42,9 +51,11 @@ from lbstack.forwarding import (
 from lbstack.forwarding.stats import ForwardingCollector
 from lbstack.health import HealthMonitor
 from lbstack.identity import UPSTREAM_NAME, UPSTREAM_NAME_RULE
+from lbstack.loadview import LOAD_PATH, LoadView
 from lbstack.log import get_logger
 from lbstack.metrics import ComponentMetrics, RouterMetrics
-from lbstack.peering import LOAD_PATH, LoadView, Peering
+from lbstack.peering import Peering
+from lbstack.reconciler import Reconciler, tls_configured, upstream_spec
 from lbstack.routing import Upstream
 from lbstack.scrape import Scraper
 
@@ -64,8 +75,10 @@ def create_forwarder(
     *,
     edge: bool,
     rng: Random | None = None,
+    token: str | None = None,
 ) -> tuple[Forwarder, ComponentMetrics]:
-    """A router's forwarder with its health checks, scraper and metrics."""
+    """A router's forwarder with its health checks, scraper and metrics; ``token``, the
+    admin token, goes to upstreams' admin APIs over TCP."""
     metrics = ComponentMetrics(role, name)
     router_metrics = RouterMetrics(metrics)
     upstreams = [new_upstream(u, tier) for u in specs]
@@ -73,8 +86,8 @@ def create_forwarder(
         name,
         tier,
         upstreams,
-        health=HealthMonitor(upstreams, tier, router_metrics, rng=rng),
-        scraper=Scraper(upstreams, tier, router_metrics, rng=rng),
+        health=HealthMonitor(upstreams, tier, router_metrics, rng=rng, token=token),
+        scraper=Scraper(upstreams, tier, router_metrics, rng=rng, token=token),
         edge=edge,
         rng=rng,
     )
@@ -96,8 +109,9 @@ def create_router(
     spec: ChildSpec, tier: TierConfig, *, edge: bool, rng: Random | None = None
 ) -> Component:
     """A balancer (``edge``) or a proxy: a forwarder on the data plane, the admin app around it."""
+    token = spec.config.admin.token()
     forwarder, metrics = create_forwarder(
-        spec.name, spec.role, tier, spec.upstreams, edge=edge, rng=rng
+        spec.name, spec.role, tier, spec.upstreams, edge=edge, rng=rng, token=token
     )
 
     async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -105,18 +119,30 @@ def create_router(
         yield
         await forwarder.close()
 
-    status = forwarder.status
-    exchange = _exchange(spec, tier, forwarder, metrics)
-    if exchange is not None:
-        status = _with_peers(forwarder, exchange)
-    interval = exchange.settings.interval if exchange is not None else 0.0
+    exchanging = _exchange_settings(spec, tier)
     load = LoadView(
         spec.name,
         spec.role,
         lambda: forwarder.upstreams,
         lambda: sum(u.in_flight for u in forwarder.upstreams),
-        interval,
+        0.0 if exchanging is None else exchanging.interval,
     )
+    status = forwarder.status
+    exchange = None
+    if exchanging is not None:
+        exchange = Peering(
+            spec.peers,
+            lambda: forwarder.upstreams,
+            exchanging,
+            metrics,
+            decay=tier.decay,
+            me=load,
+            token=token,
+        )
+        status = _with_peers(forwarder, exchange)
+    following = _following(spec, tier, forwarder, metrics, exchange)
+    if following.sources:
+        status = _with_sources(status, following.sources)
 
     async def get_load(request: web.Request) -> web.Response:
         return web.json_response(load())
@@ -125,25 +151,113 @@ def create_router(
     admin[FORWARDER] = forwarder
     admin.add_routes(upstream_routes(forwarder))
     admin.router.add_get(LOAD_PATH, get_load)
+    # Started in this order, stopped in the reverse: sources change a running forwarder.
     admin.cleanup_ctx.append(forwarder_ctx)
     if exchange is not None:
         admin.cleanup_ctx.append(_exchange_ctx(exchange))
+    if following.sources:
+        admin.cleanup_ctx.append(following.ctx)
     return Component(data_server=forwarder.data_server, admin=admin)
 
 
-def _exchange(
-    spec: ChildSpec, tier: TierConfig, forwarder: Forwarder, metrics: ComponentMetrics
-) -> Peering | None:
-    """The load exchange of a balancer with peers, unless the config turns it off."""
-    if not spec.peers or not isinstance(tier, BalancerConfig) or not tier.exchange.enabled:
+def _exchange_settings(spec: ChildSpec, tier: TierConfig) -> ExchangeConfig | None:
+    """The load exchange of a balancer with peers (this host's or elsewhere), unless the
+    config turns it off."""
+    if not isinstance(tier, BalancerConfig) or not tier.exchange.enabled:
         return None
-    return Peering(
-        spec.peers,
-        lambda: forwarder.upstreams,
-        tier.exchange,
-        metrics,
-        decay=tier.decay,
-    )
+    if not spec.peers and tier.exchange.peers == ():
+        return None
+    return tier.exchange
+
+
+@dataclass
+class _Following:
+    """The sources a router follows and what they drive; ``ctx`` runs them."""
+
+    resolver: Resolver
+    sources: list[Source] = field(default_factory=list)
+    reconcilers: list[Reconciler] = field(default_factory=list)
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        try:
+            for source in self.sources:
+                await source.start()
+            yield
+        finally:
+            for source in self.sources:
+                await source.close()
+            for reconciler in self.reconcilers:
+                await reconciler.close()
+
+
+def _following(
+    spec: ChildSpec,
+    tier: TierConfig,
+    forwarder: Forwarder,
+    metrics: ComponentMetrics,
+    exchange: Peering | None,
+) -> _Following:
+    """The upstreams' source (a balancer's ``upstreams``, a proxy's ``dns`` servers) and
+    the peers' (``[balancer.exchange] peers``) of this router, if it has any."""
+    config = spec.config
+    following = _Following(Resolver(config.discovery))
+    found: list[tuple[Origin, OnChange, str]] = []
+    origin, health_path, admin = _upstream_source(spec, tier)
+    if origin is not None:
+        tls = isinstance(origin, DnsName) and tls_configured(tier.upstream_tls)
+        reconciler = Reconciler(
+            forwarder,
+            partial(
+                upstream_spec,
+                admin_offset=config.network.admin_offset if admin else None,
+                health_path=health_path,
+                tls=tls,
+            ),
+            grace=config.supervisor.graceful_timeout,
+            source=str(origin),
+        )
+        following.reconcilers.append(reconciler)
+        found.append((origin, reconciler.apply, "upstreams"))
+    if exchange is not None and isinstance(tier, BalancerConfig) and tier.exchange.peers != ():
+        found.append((tier.exchange.peers, exchange.follow, "peers"))
+    named = any(isinstance(origin, DnsName) for origin, *_ in found)
+    dns_metrics = DiscoveryMetrics(metrics) if named else None
+    following.sources = [
+        Source(
+            origin,
+            apply,
+            purpose=purpose,
+            settings=config.discovery,
+            resolver=following.resolver,
+            metrics=dns_metrics,
+        )
+        for origin, apply, purpose in found
+    ]
+    return following
+
+
+def _upstream_source(spec: ChildSpec, tier: TierConfig) -> tuple[Origin | None, str, bool]:
+    """Where the router's upstreams are found beside ``spec.upstreams``, their health
+    path, and whether they have an admin API: a balancer's ``upstreams`` (lbstack
+    proxies), or a proxy's group of ``dns`` servers (``admin_api`` says)."""
+    if isinstance(tier, BalancerConfig) and tier.upstreams != ():
+        return tier.upstreams, UpstreamSpec.model_fields["health_path"].default, True
+    if spec.role == "proxy" and spec.group is not None:
+        server = spec.config.group(spec.group).server
+        if server.kind == "dns":
+            return server.discover, server.health_path, server.admin_api
+    return None, "", False
+
+
+def _with_sources(
+    status: Callable[[], dict[str, Any]], sources: Sequence[Source]
+) -> Callable[[], dict[str, Any]]:
+    """``/status`` with each source: its name, the set in use, its TTL, its last error."""
+
+    def with_sources() -> dict[str, Any]:
+        return {**status(), "discovery": [source.status() for source in sources]}
+
+    return with_sources
 
 
 def _exchange_ctx(exchange: Peering) -> Callable[[web.Application], AsyncIterator[None]]:
