@@ -144,3 +144,51 @@ def test_the_title_says_how_long_the_supervisor_has_run_and_its_upgrades() -> No
     assert statusview._title(status, now=1000.0 + 2 * 86400 + 4 * 3600) == (
         "lbstack — /r, up 2d04h, upgraded 2×"
     )
+
+
+def test_a_routers_view_shows_its_sources_and_the_peers_counted_once() -> None:
+    status: dict[str, Any] = {
+        "name": "balancer-0",
+        "policy": "p2c_ewma",
+        "in_flight": 0,
+        "queued": 0,
+        "retry_budget": 10,
+        "upstreams": [],
+        "peers": [
+            {
+                "name": "198.18.0.2:9081",
+                "up": True,
+                "age": 0.1,
+                "in_flight": 0,
+                "errors": 0,
+                "same_as": "balancer-1",
+            },
+        ],
+        "discovery": [
+            {
+                "source": "dns://proxies.lbstack.test:8080",
+                "for": "upstreams",
+                "addresses": ["tcp://198.18.0.3:8080", "tcp://198.18.0.4:8080"],
+                "state": "ok",
+                "ttl": 5.0,
+                "last_error": None,
+            },
+            {
+                "source": "dns+srv://_lb._tcp.b.test",
+                "for": "peers",
+                "addresses": ["x"],
+                "state": "failed",
+                "ttl": None,
+                "last_error": "timed out",
+            },
+        ],
+    }
+    console = Console(width=300, record=True)
+    console.print(statusview.render_router(status))
+    text = " ".join(console.export_text().split())
+    assert "198.18.0.2:9081 is balancer-1 (not counted twice)" in text
+    assert "upstreams from dns://proxies.lbstack.test:8080: 2 addresses, ok, TTL 5s" in text
+    assert (
+        "peers from dns+srv://_lb._tcp.b.test: 1 addresses, failed "
+        "(keeping the last good set: timed out)"
+    ) in text

@@ -265,7 +265,7 @@ def render_router(status: dict[str, Any]) -> Table:
     table = Table(
         title=title,
         title_justify="left",
-        caption=None if peers is None else _peers(peers),
+        caption=_caption(status),
         caption_justify="left",
         box=None,
         pad_edge=False,
@@ -298,11 +298,32 @@ def render_router(status: dict[str, Any]) -> Table:
     return table
 
 
+def _caption(status: dict[str, Any]) -> str | None:
+    """Below the table: the peers (a balancer's load exchange) and the sources its
+    upstreams and peers are found by (DNS names, fixed addresses)."""
+    lines = [] if status.get("peers") is None else [_peers(status["peers"])]
+    lines += [_source(source) for source in status.get("discovery", [])]
+    return "\n".join(lines) or None
+
+
+def _source(source: dict[str, Any]) -> str:
+    """One line on a source: ``upstreams from dns://...: 2 addresses, ok, TTL 5s``."""
+    found = f"{len(source['addresses'])} addresses"
+    line = f"{source['for']} from {source['source']}: {found}, {source['state']}"
+    if source.get("ttl") is not None:
+        line += f", TTL {source['ttl']:g}s"
+    if source["state"] in ("failed", "empty") and source.get("last_error"):
+        line += f" (keeping the last good set: {source['last_error']})"
+    return line
+
+
 def _peers(peers: list[dict[str, Any]]) -> str:
     """One line on the other balancers whose load this one routes with."""
     parts = []
     for peer in peers:
-        if peer["up"]:
+        if peer.get("same_as"):
+            parts.append(f"{peer['name']} is {peer['same_as']} (not counted twice)")
+        elif peer["up"]:
             parts.append(
                 f"{peer['name']} up ({peer['age']:.2f}s old, {peer['in_flight']:g} in flight)"
             )
