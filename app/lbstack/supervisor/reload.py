@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from lbstack.client import fetch, fetch_json
+from lbstack.client import AdminClient, fetch
 from lbstack.config import Config
-from lbstack.errors import ControlError
+from lbstack.errors import APIConnectionError, APIStatusError, ControlError
 from lbstack.identity import ChildId, Role
 from lbstack.log import get_logger
 from lbstack.supervisor.scaling import call_router
@@ -315,14 +315,14 @@ async def _post_tls(balancer: Child, config: Config) -> None:
     """Have ``balancer`` serve the certificates ``config`` names, read from the files."""
     assert balancer.admin is not None
     try:
-        status, answer = await fetch_json(
-            balancer.admin, TLS_RELOAD, method="POST", body=config.tls.model_dump(mode="json")
+        await AdminClient(balancer.admin).request(
+            "POST", TLS_RELOAD, config.tls.model_dump(mode="json")
         )
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ControlError(f"{balancer.name} did not answer POST {TLS_RELOAD}: {exc!r}") from exc
-    if status != 200:
-        error = answer.get("error", answer) if isinstance(answer, dict) else answer
-        raise ControlError(f"{balancer.name}: {error}")
+    except APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise ControlError(f"{balancer.name} did not answer POST {TLS_RELOAD}: {cause!r}") from exc
+    except APIStatusError as exc:
+        raise ControlError(f"{balancer.name}: {exc.message}") from exc
 
 
 def _ordered(children: list[Child]) -> list[Child]:

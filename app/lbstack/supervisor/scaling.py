@@ -16,10 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
-from lbstack.client import fetch_json
-from lbstack.errors import ControlError
+from lbstack.client import AdminClient
+from lbstack.errors import APIConnectionError, APIStatusError, ControlError
 from lbstack.log import get_logger
 
 if TYPE_CHECKING:
@@ -37,12 +35,13 @@ async def call_router(router: Child, method: str, path: str, body: Any = None) -
     """One admin call to a router; a refusal or silence is a ControlError."""
     assert router.admin is not None
     try:
-        status, answer = await fetch_json(router.admin, path, method=method, body=body)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ControlError(f"{router.name} did not answer {method} {path}: {exc!r}") from exc
-    if status >= 400:
-        raise ControlError(f"{router.name} refused {method} {path} ({status}): {answer}")
-    return answer
+        return await AdminClient(router.admin).request(method, path, body)
+    except APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise ControlError(f"{router.name} did not answer {method} {path}: {cause!r}") from exc
+    except APIStatusError as exc:
+        refused = f"{router.name} refused {method} {path} ({exc.status}): {exc.body}"
+        raise ControlError(refused) from exc
 
 
 class Scaler:
