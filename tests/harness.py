@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from lbstack.address import Address
@@ -141,3 +144,18 @@ async def serving(app: web.Application, path: Path) -> AsyncIterator[Address]:
         yield Address.unix(str(path))
     finally:
         await runner.cleanup()
+
+
+def tool(name: str, *candidates: Path, package: str = "") -> str:
+    """The first of ``candidates`` that exists, else ``name`` on PATH. Missing fails in
+    CI (.ci/run or the dev dependencies install it), else skips."""
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        reason = f"{name} is not installed" + (f" (Debian package {package})" if package else "")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI must install it (.ci/run)")
+        pytest.skip(reason)
+    return found

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -20,28 +19,20 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Final
 
-import pytest
 from aiohttp import web
 
 from lbstack.config import Discovery, parse_dns_name
 from lbstack.discovery import DiscoveryError, Resolver
 from tests.conftest import SHUTDOWN_TIMEOUT, UnixServers
+from tests.harness import tool
 
 WAIT: Final = 10.0
 READY_NAME: Final = "ready.test"
 
 
 def dnsmasq_binary() -> str:
-    """dnsmasq's path; missing fails in CI (.ci/run installs it), else skips."""
-    path = shutil.which("dnsmasq") or next(
-        (p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if os.access(p, os.X_OK)), None
-    )
-    if path is None:
-        reason = "dnsmasq is not installed (Debian package dnsmasq-base)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must install it (.ci/run)")
-        pytest.skip(reason)
-    return path
+    """dnsmasq's path (it lives in /usr/sbin, often not on a user's PATH)."""
+    return tool("dnsmasq", Path("/usr/sbin/dnsmasq"), package="dnsmasq-base")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

