@@ -30,6 +30,7 @@ from lbstack.api import (
 from lbstack.client import fetch
 from lbstack.errors import ConfigError, ControlError, InvalidRequest
 from lbstack.log import get_logger
+from lbstack.supervisor.telemetry import target_groups, target_names
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -58,10 +59,6 @@ class ControlPlane:
     # ControlError if it can't.
     upgrade: Callable[[Answer], Awaitable[None]]
 
-    def targets(self) -> list[str]:
-        """What ``/metrics?target=`` accepts."""
-        return ["supervisor", *(c.name for c in self.topology if c.admin is not None)]
-
 
 def _metrics_handler(plane: ControlPlane) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def metrics(request: web.Request) -> web.Response:
@@ -73,7 +70,7 @@ def _metrics_handler(plane: ControlPlane) -> Callable[[web.Request], Awaitable[w
             )
         child = plane.topology.children.get(target)
         if child is None or child.admin is None:
-            known = ", ".join(plane.targets())
+            known = ", ".join(target_names(plane.topology))
             return web.Response(status=404, text=f"unknown target {target!r}; known: {known}\n")
         try:
             status, body = await fetch(child.admin, "/metrics", timeout=SCRAPE_TIMEOUT)
@@ -181,9 +178,7 @@ def create_metrics_app(plane: ControlPlane) -> web.Application:
     """The loopback TCP endpoint Prometheus scrapes."""
 
     async def targets(request: web.Request) -> web.Response:
-        return web.json_response(
-            [{"targets": [request.host], "labels": {"lbstack_target": n}} for n in plane.targets()]
-        )
+        return web.json_response(target_groups(request.host, plane.topology))
 
     app = web.Application()
     app.router.add_get("/metrics", _metrics_handler(plane))

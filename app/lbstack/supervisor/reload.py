@@ -45,6 +45,7 @@ from lbstack.errors import APIConnectionError, APIStatusError, ControlError
 from lbstack.identity import ChildId, Role
 from lbstack.log import get_logger
 from lbstack.supervisor.scaling import call_router
+from lbstack.supervisor.topology import Placement
 
 if TYPE_CHECKING:
     from lbstack.supervisor.child import Child
@@ -273,13 +274,10 @@ class Reloader:
 
     def _group_sizes(self, config: Config) -> dict[str, int]:
         """The groups without autoscaling whose size differs from ``config``'s: the size."""
-        here = self._topology.placement.runs(Role.PROXY)  # ``tier`` is fixed: groups scale here
         return {
             layout.name: layout.servers
-            for layout in config.layouts()
-            if here
-            and layout.server.kind in ("simulated", "command")
-            and not layout.autoscale.enabled
+            for layout in Placement(config).local_groups()
+            if not layout.autoscale.enabled
             and len(self._topology.servers_in(layout.index)) != layout.servers
         }
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lbstack.client import AdminClient
 from lbstack.errors import APIConnectionError, APIStatusError, ControlError
 from lbstack.log import get_logger
+from lbstack.supervisor.topology import server_upstream
 
 if TYPE_CHECKING:
     from lbstack.config import GroupLayout
@@ -171,12 +172,9 @@ class Scaler:
     def upstream_spec(self, child: Child) -> dict[str, Any]:
         """What a router's ``POST /upstreams`` takes for the server ``child``."""
         assert child.group is not None
-        return {
-            "name": child.name,
-            "address": str(child.listen[0]),
-            "admin": None if child.admin is None else str(child.admin),
-            "health_path": self._topology.config.group(child.group).server.health_path,
-        }
+        health_path = self._topology.config.group(child.group).server.health_path
+        spec = server_upstream(child, health_path)
+        return spec.model_dump(mode="json", exclude={"draining"})  # a new one: not drained
 
     async def shrink(self, child: Child, *, step: bool = True) -> None:
         """Drain ``child``, wait until its proxy has nothing in flight to it, remove it."""

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -125,12 +125,24 @@ class SupervisorMetrics:
         self._restarts.labels(ROLE, INSTANCE, child.name, child.role).inc()
 
 
+def target_names(children: Iterable[Child]) -> list[str]:
+    """What the exporter's ``/metrics?target=`` serves: the supervisor, and every child
+    with an admin API."""
+    return ["supervisor", *(c.name for c in children if c.admin is not None)]
+
+
+def target_groups(host: str, children: Iterable[Child]) -> list[dict[str, Any]]:
+    """Prometheus's service-discovery groups (file_sd and http_sd alike): one target per
+    component, all at the exporter ``host``, told apart by ``lbstack_target``."""
+    return [
+        {"targets": [host], "labels": {"lbstack_target": name}} for name in target_names(children)
+    ]
+
+
 def write_targets(path: Path, exporter: Address, children: Iterable[Child]) -> None:
     """The file_sd targets file Prometheus reads to scrape every component through the
     supervisor's ``exporter`` (``/metrics?target=<name>``), replaced atomically."""
-    host = f"{exporter.host}:{exporter.port}"
-    names = ["supervisor", *(c.name for c in children if c.admin is not None)]
-    groups = [{"targets": [host], "labels": {"lbstack_target": name}} for name in names]
+    groups = target_groups(f"{exporter.host}:{exporter.port}", children)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(groups, indent=2))
     tmp.replace(path)

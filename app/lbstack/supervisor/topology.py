@@ -437,15 +437,18 @@ def group_upstreams(layout: GroupLayout, servers: list[Child]) -> tuple[Upstream
             )
             for i, address in enumerate(server.addresses)
         )
-    return tuple(
-        UpstreamSpec(
-            name=c.name,
-            address=c.listen[0],
-            admin=c.admin,
-            health_path=server.health_path,
-            draining=c.draining,
-        )
-        for c in servers
+    return tuple(server_upstream(c, server.health_path) for c in servers)
+
+
+def server_upstream(child: Child, health_path: str) -> UpstreamSpec:
+    """A server child as its proxy's upstream: where it listens and answers its admin
+    API, and whether it is drained."""
+    return UpstreamSpec(
+        name=child.name,
+        address=child.listen[0],
+        admin=child.admin,
+        health_path=health_path,
+        draining=child.draining,
     )
 
 
